@@ -1,0 +1,1 @@
+"""jaxlab: JAX/Flax image classification experiments from two course reports."""

@@ -1,0 +1,151 @@
+"""The train state and the jitted, `jax.pmap`-ed train and eval steps.
+
+Nothing here imports TensorFlow: the steps run on synthetic batches too (the
+benchmarks), on any JAX backend.
+"""
+
+import functools
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax import struct
+from flax.training import train_state
+
+from jaxlab import optimizers
+from jaxlab.preprocessing import Preprocess
+
+AXIS = 'batch'  # The pmap axis: gradients and BatchNorm statistics average over it.
+
+
+@struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+  grad_norm: metrics.Average.from_output('grad_norm')
+
+
+@struct.dataclass
+class EvalMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  accuracy: metrics.Accuracy
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and step (from flax), plus:
+
+  batch_stats: BatchNorm running statistics ({} for models without BN).
+  rng: the run's base key; each step folds in its step number and device.
+  frozen: paths (tuples of names) of parameters that never train; they get
+    no gradient, so their layers cost no backward pass of their own.
+  """
+  batch_stats: Any
+  rng: jax.Array
+  frozen: frozenset = struct.field(pytree_node=False, default=frozenset())
+
+
+def create_train_state(model, optimizer_config, rng: jax.Array,
+                       image_shape: tuple[int, ...]) -> TrainState:
+  """Initialises `model` on a dummy batch and builds its optimizer.
+
+  Args:
+    model: a linen module called as `model(images, train=...)`.
+    optimizer_config: the config's `optimizer` section.
+    rng: key for parameter initialisation and for the run's randomness.
+    image_shape: (height, width, channels) of one input image.
+  """
+  init_rng, state_rng = jax.random.split(rng)
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = init({'params': init_rng, 'dropout': init_rng},
+                   jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  params = variables['params']
+  labels = optimizers.frozen_mask(params, optimizer_config.get('frozen', ()))
+  frozen = frozenset(
+      path for path, label in flax.traverse_util.flatten_dict(labels).items()
+      if label == optimizers.FROZEN)
+  return TrainState.create(
+      apply_fn=model.apply, params=params,
+      tx=optimizers.create_optimizer(optimizer_config, labels),
+      batch_stats=variables.get('batch_stats', {}), rng=state_rng,
+      frozen=frozen)
+
+
+def _partition(params, frozen: frozenset):
+  flat = flax.traverse_util.flatten_dict(params)
+  trainable = {k: v for k, v in flat.items() if k not in frozen}
+  fixed = {k: v for k, v in flat.items() if k in frozen}
+  return trainable, fixed
+
+
+def _merge(trainable: dict, fixed: dict):
+  return flax.traverse_util.unflatten_dict({**trainable, **fixed})
+
+
+def _variables(params, batch_stats) -> dict:
+  if batch_stats:
+    return {'params': params, 'batch_stats': batch_stats}
+  return {'params': params}
+
+
+def cross_entropy(logits, labels):
+  """Per-example softmax cross-entropy of integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels)
+
+
+def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
+  """One SGD step on this device's share of the global batch (under pmap).
+
+  The loss is the mean over the device's examples; gradients are averaged
+  over devices, so the update equals that of the whole global batch on one
+  device. Returns the new state and this step's `TrainMetrics`.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                           jax.lax.axis_index(AXIS))
+  images = preprocess(batch['image'])
+  labels = batch['label']
+  trainable, fixed = _partition(state.params, state.frozen)
+
+  def loss_fn(trainable):
+    logits, updates = state.apply_fn(
+        _variables(_merge(trainable, fixed), state.batch_stats), images,
+        train=True, rngs={'dropout': rng}, mutable=['batch_stats'])
+    return cross_entropy(logits, labels).mean(), (logits, updates)
+
+  (_, (logits, updates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(trainable)
+  grads = jax.lax.pmean(grads, AXIS)
+  grad_norm = optax.global_norm(grads)
+  full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, fixed))
+  new_state = state.apply_gradients(
+      grads=full_grads,
+      batch_stats=updates.get('batch_stats', state.batch_stats))
+  step_metrics = TrainMetrics.gather_from_model_output(
+      axis_name=AXIS, loss=cross_entropy(logits, labels), logits=logits,
+      labels=labels, grad_norm=grad_norm)
+  return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch: dict, preprocess: Preprocess):
+  """Loss and accuracy of the real (mask 1) examples of a padded batch."""
+  logits = state.apply_fn(_variables(state.params, state.batch_stats),
+                          preprocess(batch['image']), train=False)
+  return EvalMetrics.gather_from_model_output(
+      axis_name=AXIS, loss=cross_entropy(logits, batch['label']),
+      logits=logits, labels=batch['label'], mask=batch['mask'])
+
+
+def pmapped_steps(preprocess: Preprocess):
+  """`train_step` and `eval_step` compiled for all local devices.
+
+  The train step donates its input state, so the old state's buffers are
+  reused for the new one.
+  """
+  p_train = jax.pmap(functools.partial(train_step, preprocess=preprocess),
+                     axis_name=AXIS, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(eval_step, preprocess=preprocess),
+                    axis_name=AXIS)
+  return p_train, p_eval

@@ -1,0 +1,257 @@
+"""`train_and_evaluate`: the one training loop every experiment runs through.
+
+Per epoch: train on every full batch of the training split, evaluate on the
+validation split, write `history.jsonl`, TensorBoard events and a
+checkpoint. At the end: evaluate on the test split and write
+`results.json`. Running again on the same workdir resumes from the newest
+checkpoint, and ends with exactly the numbers of an uninterrupted run.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from flax import jax_utils
+from tqdm import tqdm
+
+from jaxlab import input_pipeline
+from jaxlab import models
+from jaxlab import records
+from jaxlab import steps
+from jaxlab import summary as summary_lib
+from jaxlab.checkpointing import Checkpoints
+from jaxlab.errors import UserError
+from jaxlab.preprocessing import Preprocess
+
+# Keys that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = ('num_epochs', 'checkpoint', 'progress_bar')
+
+
+class TrainingDiverged(UserError):
+  """The training loss became NaN or infinite."""
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _check_same_run(workdir: str, config_dict: dict) -> None:
+  """A workdir holds one run: resuming it with another config is an error."""
+  saved = records.read_config(workdir)
+  if saved is None:
+    return
+  old, new = _flat(saved), _flat(config_dict)
+  for key in sorted(set(old) | set(new)):
+    if key.split('.')[0] in _RESUMABLE_CHANGES:
+      continue
+    if old.get(key) != new.get(key):
+      raise UserError(
+          f'workdir {workdir} holds a run with config {key}={old.get(key)!r}, '
+          f'not {new.get(key)!r}; use another --workdir for a new run')
+
+
+def _check_config(config) -> None:
+  if config.num_epochs < 1:
+    raise UserError(f'config num_epochs={config.num_epochs} must be at least 1')
+
+
+def _unreplicate(tree):
+  return jax.tree.map(lambda x: x[0], tree)
+
+
+def evaluate(p_eval, state, split: input_pipeline.Split, batch_size: int,
+             sharding: input_pipeline.Sharding) -> dict:
+  """Loss, accuracy and example count over every example of `split`, once."""
+  total = None
+  for batch in input_pipeline.eval_batches(split, batch_size, sharding):
+    m = p_eval(state, batch)
+    total = m if total is None else total.merge(m)
+  total = _unreplicate(total)
+  out = {k: float(v) for k, v in total.compute().items()}
+  out['count'] = int(round(float(total.loss.count)))
+  return out
+
+
+def _train_epoch(train_fn, state, dataset, config, epoch: int,
+                 sharding: input_pipeline.Sharding):
+  """One epoch of training; returns the state, metrics and images/s."""
+  n_steps = input_pipeline.steps_per_epoch(dataset.train, config.batch_size)
+  batches = input_pipeline.train_batches(dataset.train, config.batch_size,
+                                         config.seed, epoch, sharding)
+  bar = tqdm(total=n_steps * config.batch_size, unit='img', leave=False,
+             desc=f'epoch {epoch}/{config.num_epochs}', dynamic_ncols=True,
+             # None: shown on a terminal only, not in logs.
+             disable=(None if config.progress_bar and jax.process_index() == 0
+                      else True))
+  epoch_metrics, previous = None, None
+  start = time.perf_counter()
+  for batch in batches:
+    state, step_metrics = train_fn(state, batch)
+    # One step in flight at a time: the bar shows real throughput, and no
+    # queue of pending steps builds up.
+    if previous is not None:
+      jax.block_until_ready(previous)
+    previous = step_metrics
+    epoch_metrics = (step_metrics if epoch_metrics is None
+                     else epoch_metrics.merge(step_metrics))
+    bar.update(config.batch_size)
+  jax.block_until_ready(epoch_metrics)
+  seconds = time.perf_counter() - start
+  bar.close()
+  computed = {k: float(v)
+              for k, v in _unreplicate(epoch_metrics).compute().items()}
+  return state, computed, n_steps * config.batch_size / seconds
+
+
+def _compile_train_step(p_train, state, dataset, config, sharding):
+  """Compiles the train step ahead of time; returns it and the seconds taken."""
+  local = sharding.local_batch_size(config.batch_size, 'batch_size')
+  per_device = local // sharding.local_device_count
+  image = dataset.train.images
+  example = {
+      'image': jax.ShapeDtypeStruct(
+          (sharding.local_device_count, per_device) + image.shape[1:],
+          image.dtype),
+      'label': jax.ShapeDtypeStruct(
+          (sharding.local_device_count, per_device), np.int32)}
+  start = time.perf_counter()
+  compiled = p_train.lower(state, example).compile()
+  return compiled, time.perf_counter() - start
+
+
+def summarize_config(config: ml_collections.ConfigDict) -> summary_lib.Summary:
+  """The layer table of the config's model, without loading any data."""
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  model = models.create_model(config.model,
+                              input_pipeline.num_classes(config.data))
+  return summary_lib.summarize(model, image_shape, config.batch_size,
+                               config.optimizer.frozen)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates the experiment `config` in `workdir`.
+
+  Returns the contents of `results.json`.
+  """
+  _check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  # Through JSON, so that it compares equal to the saved config.json.
+  config_dict = json.loads(config.to_json())
+  _check_same_run(workdir, config_dict)
+  sharding = input_pipeline.Sharding.current()
+  # Checked before any slow work: both must split over the devices.
+  sharding.local_batch_size(config.batch_size, 'batch_size')
+  sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size')
+
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'),
+                            every_epochs=config.checkpoint.every_epochs,
+                            keep=config.checkpoint.keep)
+  done_epochs = checkpoints.latest_epoch() or 0
+  if done_epochs > config.num_epochs:
+    raise UserError(f'workdir {workdir} holds a run already trained for '
+                    f'{done_epochs} epochs, more than num_epochs='
+                    f'{config.num_epochs}; use another --workdir')
+  finished = records.read_results(workdir)
+  if finished and finished['epochs'] == config.num_epochs:
+    logging.info('Run in %s already finished %d epochs; results are in %s.',
+                 workdir, config.num_epochs,
+                 os.path.join(workdir, records.RESULTS))
+    checkpoints.close()
+    return finished
+
+  dataset = input_pipeline.load_dataset(config.data)
+  logging.info('Data: %s; %d train / %d val / %d test examples, %d classes.',
+               dataset.source, len(dataset.train), len(dataset.val),
+               len(dataset.test), dataset.num_classes)
+  if len(dataset.train) < config.batch_size:
+    raise UserError(f'config batch_size={config.batch_size} is larger than the '
+                    f'{len(dataset.train)} training examples')
+  image_shape = dataset.train.images.shape[1:]
+  model = models.create_model(config.model, dataset.num_classes,
+                              axis_name=steps.AXIS)
+  summary = summary_lib.summarize(model, image_shape, config.batch_size,
+                                  config.optimizer.frozen)
+  state = steps.create_train_state(model, config.optimizer,
+                                   jax.random.PRNGKey(config.seed), image_shape)
+  if done_epochs:
+    state = checkpoints.restore(done_epochs, state)
+    logging.info('Resumed from the checkpoint of epoch %d.', done_epochs)
+  if jax.process_index() == 0:
+    records.write_config(workdir, config_dict)
+    records.truncate_history(workdir, done_epochs)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if not done_epochs:
+    writer.write_hparams(_flat(config_dict))
+  preprocess = Preprocess.from_config(config.data)
+  p_train, p_eval = steps.pmapped_steps(preprocess)
+  state = jax_utils.replicate(state)
+  train_fn, compile_seconds = _compile_train_step(p_train, state, dataset,
+                                                  config, sharding)
+  logging.info('Compiled the train step in %.1f s.', compile_seconds)
+
+  for epoch in range(done_epochs + 1, config.num_epochs + 1):
+    state, train, images_per_sec = _train_epoch(train_fn, state, dataset,
+                                                config, epoch, sharding)
+    if not math.isfinite(train['loss']):
+      checkpoints.close()
+      last = checkpoints.latest_epoch()
+      raise TrainingDiverged(
+          f'training loss became {train["loss"]} in epoch {epoch}; stopped '
+          'without saving it (last good checkpoint: '
+          f'{f"epoch {last}" if last else "none"}); try a lower '
+          f'--config.optimizer.learning_rate (now '
+          f'{config.optimizer.learning_rate})')
+    val = evaluate(p_eval, state, dataset.val, config.eval_batch_size, sharding)
+    entry = {'epoch': epoch, 'train_loss': train['loss'],
+             'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
+             'val_accuracy': val['accuracy'], 'images_per_sec': images_per_sec}
+    writer.write_scalars(epoch, {**{k: v for k, v in entry.items()
+                                    if k != 'epoch'},
+                                 'grad_norm': train['grad_norm']})
+    # History first: a run killed before its checkpoint is complete redoes
+    # the epoch, and resuming trims the history back to the checkpoint.
+    if jax.process_index() == 0:
+      records.append_history(workdir, entry)
+    checkpoints.save(epoch, _unreplicate(state),
+                     force=epoch == config.num_epochs)
+
+  test = evaluate(p_eval, state, dataset.test, config.eval_batch_size, sharding)
+  checkpoints.close()
+  history = records.read_history(workdir)
+  last = history[-1] if history else {}
+  results = {
+      'model': config.model.name,
+      'epochs': config.num_epochs,
+      'train_loss': last.get('train_loss'),
+      'train_accuracy': last.get('train_accuracy'),
+      'val_loss': last.get('val_loss'),
+      'val_accuracy': last.get('val_accuracy'),
+      'test_loss': test['loss'],
+      'test_accuracy': test['accuracy'],
+      'num_test_examples': test['count'],
+      'total_params': summary.total_params,
+      'trainable_params': summary.trainable_params,
+  }
+  writer.write_scalars(config.num_epochs, {'test_loss': test['loss'],
+                                           'test_accuracy': test['accuracy']})
+  writer.flush()
+  if jax.process_index() == 0:
+    records.write_results(workdir, results)
+  logging.info('Test loss %.4f, accuracy %.4f on %d examples.', test['loss'],
+               test['accuracy'], test['count'])
+  return results

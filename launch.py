@@ -1,0 +1,96 @@
+"""Runs one experiment: python launch.py --config configs/NAME.py [--workdir DIR].
+
+Any config field can be overridden, e.g. --config.optimizer.learning_rate=0.002.
+--summary prints the model's layer table and parameter counts, and exits.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported.
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', None,
+                    'Folder for checkpoints, logs and results '
+                    '(default: runs/<config file name>).')
+flags.DEFINE_bool('summary', False,
+                  'Print the layer table and parameter counts, then exit.')
+flags.DEFINE_bool('distributed', False,
+                  'Multi-host: call jax.distributed.initialize() first.')
+
+
+def _default_workdir() -> str:
+  config_path = flags.FLAGS['config'].config_filename
+  name = os.path.splitext(os.path.basename(config_path.split(':')[0]))[0]
+  return os.path.join('runs', name)
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and other libraries; keeps warnings."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or
+            '/site-packages/' not in record.pathname or
+            '/clu/' in record.pathname)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxlab import train  # pylint: disable=g-import-not-at-top
+  from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
+
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  try:
+    if FLAGS.summary:
+      print(train.summarize_config(config).to_text())
+      return
+    workdir = FLAGS.workdir or _default_workdir()
+    logging.info('JAX devices: %s; workdir: %s', jax.devices(), workdir)
+    train.train_and_evaluate(config, workdir)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+_FLAG_ERRORS = (flags.Error, KeyError, ValueError, TypeError, AttributeError,
+                OSError)
+
+
+def _exit_with_flag_error(e: Exception, argv) -> None:
+  # A misspelt key comes as a KeyError whose message spans lines ("Did you
+  # mean ..."); a missing config file as a multi-line flags.Error.
+  message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  message = ' '.join(str(message).replace("'", '').replace('"', '').split())
+  if isinstance(e, KeyError):
+    message = f'unknown config key {message}'
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  where = f' (config overrides: {" ".join(overrides)})' if (
+      isinstance(e, KeyError) and overrides) else ''
+  sys.exit(f'error: {message}{where}')
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a bad config file or override as one line."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.keys()  # The config file loads lazily: load it here.
+    return argv
+  except _FLAG_ERRORS as e:
+    _exit_with_flag_error(e, argv)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=_parse_flags)
