@@ -46,8 +46,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here, after flag parsing; --summary needs no TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxlab import train  # pylint: disable=g-import-not-at-top
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
 
   if FLAGS.distributed:
@@ -55,8 +55,10 @@ def main(argv):
   config = FLAGS.config
   try:
     if FLAGS.summary:
-      print(train.summarize_config(config).to_text())
+      from jaxlab import summary  # pylint: disable=g-import-not-at-top
+      print(summary.summarize_config(config).to_text())
       return
+    from jaxlab import train  # pylint: disable=g-import-not-at-top
     workdir = FLAGS.workdir or _default_workdir()
     logging.info('JAX devices: %s; workdir: %s', jax.devices(), workdir)
     train.train_and_evaluate(config, workdir)
@@ -72,14 +74,18 @@ _FLAG_ERRORS = (flags.Error, KeyError, ValueError, TypeError, AttributeError,
 def _exit_with_flag_error(e: Exception, argv) -> None:
   # A misspelt key comes as a KeyError whose message spans lines ("Did you
   # mean ..."); a missing config file as a multi-line flags.Error.
-  message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+  unknown_key = isinstance(e, KeyError) or (
+      isinstance(e, AttributeError) and e.args and
+      isinstance(e.args[0], KeyError))
+  if unknown_key:
+    e = e if isinstance(e, KeyError) else e.args[0]
+  message = e.args[0] if unknown_key and e.args else str(e)
   message = ' '.join(str(message).replace("'", '').replace('"', '').split())
-  if isinstance(e, KeyError):
-    message = f'unknown config key {message}'
   overrides = [a for a in argv[1:] if a.startswith('--config.')]
-  where = f' (config overrides: {" ".join(overrides)})' if (
-      isinstance(e, KeyError) and overrides) else ''
-  sys.exit(f'error: {message}{where}')
+  if unknown_key:
+    message = (f'unknown config key {message} (config overrides: '
+               f'{" ".join(overrides)})')
+  sys.exit(f'error: {message}')
 
 
 def _parse_flags(argv):

@@ -13,6 +13,8 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 
+from jaxlab import input_pipeline
+from jaxlab import models
 from jaxlab import optimizers
 
 _COUNTED = (nn.Conv, nn.Dense)  # Layers whose mult-adds count.
@@ -101,3 +103,13 @@ def summarize(model: nn.Module, image_shape: tuple[int, ...], batch_size: int,
   trainable = sum(math.prod(flat[k].shape) for k, label in labels.items()
                   if label == optimizers.TRAINABLE)
   return Summary(layers, count_params(params), trainable, batch_size)
+
+
+def summarize_config(config) -> Summary:
+  """The layer table of the config's model, without loading any data."""
+  image_shape = (config.data.image_size, config.data.image_size,
+                 config.data.channels)
+  model = models.create_model(config.model,
+                              input_pipeline.num_classes(config.data))
+  return summarize(model, image_shape, config.batch_size,
+                   config.optimizer.frozen)

@@ -131,16 +131,6 @@ def _compile_train_step(p_train, state, dataset, config, sharding):
   return compiled, time.perf_counter() - start
 
 
-def summarize_config(config: ml_collections.ConfigDict) -> summary_lib.Summary:
-  """The layer table of the config's model, without loading any data."""
-  image_shape = (config.data.image_size, config.data.image_size,
-                 config.data.channels)
-  model = models.create_model(config.model,
-                              input_pipeline.num_classes(config.data))
-  return summary_lib.summarize(model, image_shape, config.batch_size,
-                               config.optimizer.frozen)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates the experiment `config` in `workdir`.
 

@@ -1,0 +1,64 @@
+"""Shared helpers: tiny image folders and launch.py in a subprocess."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `configs` and `jaxlab` import from the repo root.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+def write_images(folder: str, count: int, label: int, size=(20, 16),
+                 mode: str = 'RGBA', ext: str = 'png', seed: int = 0) -> None:
+  """`count` random images whose mean colour depends on `label`."""
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng([seed, label])
+  channels = len(mode)
+  for i in range(count):
+    base = (label * 70) % 256
+    pixels = np.clip(rng.normal(base, 40, (size[1], size[0], channels)), 0,
+                     255).astype(np.uint8)
+    if mode == 'L':
+      pixels = pixels[..., 0]
+    Image.fromarray(pixels, mode).save(
+        os.path.join(folder, f'img{i:03d}.{ext}'))
+
+
+def make_image_folder(root: str, num_classes: int = 3, per_class: int = 10,
+                      presplit: bool = False, **kwargs) -> str:
+  """An image folder: class sub-folders, or train/ and test/ of them."""
+  for c in range(num_classes):
+    if presplit:
+      write_images(os.path.join(root, 'train', f'class{c}'), per_class, c,
+                   **kwargs)
+      write_images(os.path.join(root, 'test', f'class{c}'),
+                   max(2, per_class // 3), c, seed=1, **kwargs)
+    else:
+      write_images(os.path.join(root, f'class{c}'), per_class, c, **kwargs)
+  return root
+
+
+def run_launch(*args: str, devices: int = 1, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+  """Runs launch.py with `devices` fake CPU devices; returns the process."""
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_PLATFORMS'] = 'cpu'
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'launch.py {" ".join(args)} failed '
+                         f'({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+  return make_image_folder(str(tmp_path / 'images'), num_classes=3,
+                           per_class=12)

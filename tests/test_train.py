@@ -1,0 +1,165 @@
+"""Training equivalences: 4 devices == 1 device, resumed == uninterrupted."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import default
+from jaxlab import records
+from jaxlab import train
+from jaxlab.errors import UserError
+from tests.conftest import ROOT
+from tests.conftest import make_image_folder
+from tests.conftest import run_launch
+from tests.conftest import write_images
+
+LOSS_KEYS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
+RESULT_KEYS = LOSS_KEYS + ('test_loss', 'test_accuracy', 'num_test_examples')
+
+
+def _small_args(data_path, workdir, epochs, batch=8, size=24):
+  return ['--config', 'configs/cnn_bn.py', '--workdir', workdir,
+          f'--config.data.path={data_path}', f'--config.data.image_size={size}',
+          f'--config.batch_size={batch}', f'--config.eval_batch_size={batch}',
+          f'--config.num_epochs={epochs}', '--config.optimizer.momentum=0.9']
+
+
+@pytest.fixture(scope='module')
+def awkward_folder(tmp_path_factory):
+  """Pre-split: 48 training images, 37 test images (awkward for batch 8)."""
+  root = str(tmp_path_factory.mktemp('data') / 'awkward')
+  for c, n_test in enumerate((13, 12, 12)):
+    write_images(os.path.join(root, 'train', f'c{c}'), 16, c, mode='RGBA')
+    write_images(os.path.join(root, 'test', f'c{c}'), n_test, c, seed=1,
+                 mode='RGBA')
+  return root
+
+
+def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
+                                                          tmp_path):
+  runs = {}
+  for devices in (1, 4):
+    workdir = str(tmp_path / f'dev{devices}')
+    run_launch(*_small_args(awkward_folder, workdir, epochs=2),
+               devices=devices)
+    runs[devices] = (records.read_history(workdir),
+                     records.read_results(workdir))
+  (h1, r1), (h4, r4) = runs[1], runs[4]
+  assert r1['num_test_examples'] == r4['num_test_examples'] == 37
+  for e1, e4 in zip(h1, h4, strict=True):
+    for key in LOSS_KEYS:
+      np.testing.assert_allclose(e4[key], e1[key], rtol=1e-5, err_msg=key)
+  for key in ('test_loss', 'test_accuracy'):
+    np.testing.assert_allclose(r4[key], r1[key], rtol=1e-5, err_msg=key)
+
+
+def _start(args) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.Popen([sys.executable, 'launch.py', *args], cwd=ROOT,
+                          env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+  data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
+                           per_class=40, mode='RGBA')
+  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  run_launch(*_small_args(data, whole, epochs=4, batch=4))
+
+  proc = _start(_small_args(data, broken, epochs=4, batch=4))
+  first_checkpoint = os.path.join(broken, 'checkpoints', '1')
+  deadline = time.time() + 240
+  while not os.path.isdir(first_checkpoint) and proc.poll() is None:
+    assert time.time() < deadline, 'no checkpoint after 240 s'
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert records.read_results(broken) is None, 'run ended before the kill'
+
+  resumed = run_launch(*_small_args(data, broken, epochs=4, batch=4))
+  assert 'Resumed from the checkpoint of epoch' in resumed.stderr
+  expected, got = records.read_results(whole), records.read_results(broken)
+  assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
+                                             for k in RESULT_KEYS}
+  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
+  assert strip(records.read_history(broken)) == strip(
+      records.read_history(whole))
+
+  again = run_launch(*_small_args(data, broken, epochs=4, batch=4))
+  assert 'already finished 4 epochs' in again.stderr
+  assert records.read_results(broken) == got
+
+
+def _tiny_config(data_path, **overrides):
+  config = default.get_config()
+  config.data.path = data_path
+  config.data.image_size = 16
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  config.num_epochs = 2
+  config.progress_bar = False
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def test_train_and_evaluate_writes_history_results_and_events(tiny_folder,
+                                                              tmp_path):
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(_tiny_config(tiny_folder), workdir)
+  assert set(results) == {
+      'model', 'epochs', 'train_loss', 'train_accuracy', 'val_loss',
+      'val_accuracy', 'test_loss', 'test_accuracy', 'num_test_examples',
+      'total_params', 'trainable_params'}
+  assert results == records.read_results(workdir)
+  assert results['num_test_examples'] == 4  # 10 % of 36 images.
+  history = records.read_history(workdir)
+  assert [h['epoch'] for h in history] == [1, 2]
+  assert set(history[0]) == set(records.HISTORY_KEYS)
+  assert all(h['images_per_sec'] > 0 for h in history)
+  assert json.load(open(os.path.join(workdir, 'config.json')))['data'][
+      'image_size'] == 16
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder,
+                                                                 tmp_path):
+  workdir = str(tmp_path / 'run')
+  config = _tiny_config(tiny_folder, **{'optimizer.learning_rate': 1e30,
+                                        'num_epochs': 3})
+  with pytest.raises(train.TrainingDiverged,
+                     match=r'training loss became (nan|inf) in epoch \d'):
+    train.train_and_evaluate(config, workdir)
+  history = records.read_history(workdir)
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir,
+                                                         'checkpoints')))
+  assert saved == [h['epoch'] for h in history]
+  assert all(math.isfinite(h['train_loss']) for h in history)
+  assert records.read_results(workdir) is None
+
+
+def test_resuming_with_another_config_is_refused(tiny_folder, tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(_tiny_config(tiny_folder, num_epochs=1), workdir)
+  with pytest.raises(UserError, match=r'config optimizer.learning_rate=0.05, '
+                     r'not 0.1; use another --workdir'):
+    train.train_and_evaluate(
+        _tiny_config(tiny_folder, **{'optimizer.learning_rate': 0.1}), workdir)
+  # More epochs is a continuation, not another run.
+  results = train.train_and_evaluate(_tiny_config(tiny_folder, num_epochs=2),
+                                     workdir)
+  assert results['epochs'] == 2
+
+
+def test_batch_larger_than_training_set_is_named(tiny_folder, tmp_path):
+  with pytest.raises(UserError, match=r'batch_size=64 is larger than the 25 '
+                     'training examples'):
+    train.train_and_evaluate(_tiny_config(tiny_folder, batch_size=64),
+                             str(tmp_path / 'run'))
