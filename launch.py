@@ -16,8 +16,11 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              'configs', 'default.py')
 config_flags.DEFINE_config_file(
-    'config', 'configs/default.py', 'Experiment config file.', lock_config=True)
+    'config', None, f'Experiment config file (default: {DEFAULT_CONFIG}).',
+    lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Folder for checkpoints, logs and results '
                     '(default: runs/<config file name>).')
@@ -98,5 +101,13 @@ def _parse_flags(argv):
     _exit_with_flag_error(e, argv)
 
 
+def _with_default_config(argv: list[str]) -> list[str]:
+  # Given as a flag default, the config file would be parsed (with any
+  # overrides) when the flag is defined, before errors can be reported well.
+  if any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    return argv
+  return [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+
+
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, argv=_with_default_config(sys.argv), flags_parser=_parse_flags)
