@@ -142,7 +142,4 @@ def create_model(model_config, num_classes: int,
   return spec.cls(**kwargs)
 
 
-def has_batch_norm(variables) -> bool:
-  return bool(variables.get('batch_stats'))
-
 

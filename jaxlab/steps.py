@@ -58,7 +58,10 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
     image_shape: (height, width, channels) of one input image.
   """
   init_rng, state_rng = jax.random.split(rng)
-  init = jax.jit(functools.partial(model.init, train=False))
+  # Initialisation runs once: LLVM's optimisations would cost seconds of
+  # compile time (mostly in the random number generator) and save nothing.
+  init = jax.jit(functools.partial(model.init, train=False),
+                 compiler_options={'xla_backend_optimization_level': 0})
   variables = init({'params': init_rng, 'dropout': init_rng},
                    jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   params = variables['params']
