@@ -140,6 +140,3 @@ def create_model(model_config, num_classes: int,
   if 'axis_name' in fields:
     kwargs['axis_name'] = axis_name
   return spec.cls(**kwargs)
-
-
-
