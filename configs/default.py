@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn_bn'
+  config.model.pretrained = ''   # Weights file, or 'torchvision' (vgg16).
+  config.model.download_pretrained = False
 
   config.data = ml_collections.ConfigDict()
   config.data.path = ''          # Image folder; empty: the offline digits.
@@ -35,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.skip_bad_images = False
   config.data.mean = ()          # Per-channel normalisation, e.g. ImageNet's.
   config.data.std = ()
+  config.data.random_hflip = False   # Training-only augmentation.
+  config.data.random_vflip = False
+  config.data.random_rotation = 0.0  # Degrees, uniform in [-r, r].
 
   config.batch_size = 64         # Global, over all devices.
   config.eval_batch_size = 256

@@ -22,12 +22,12 @@ import dataclasses
 import functools
 import logging
 import os
-import socket
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from jaxlab import downloads
 from jaxlab.errors import UserError
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -232,15 +232,6 @@ def _load_folder(data_config) -> Dataset:
 # tensorflow-datasets.
 
 
-def _network_reachable(host: str = 'storage.googleapis.com',
-                       timeout: float = 3.0) -> bool:
-  try:
-    socket.create_connection((host, 443), timeout=timeout).close()
-    return True
-  except OSError:
-    return False
-
-
 def _load_tfds(data_config) -> Dataset:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _tf()
@@ -258,7 +249,7 @@ def _load_tfds(data_config) -> Dataset:
           f'tfds dataset {name!r} is not prepared in {where}; prepare it on a '
           f'machine with network (`tfds build {name} --data_dir {where}`) and '
           'copy it there, or set --config.data.download=True')
-    if not _network_reachable():
+    if not downloads.network_reachable('https://storage.googleapis.com'):
       raise UserError(f'tfds dataset {name!r} is not in {where} and there is '
                       'no network to download it; prepare it elsewhere with '
                       f'`tfds build {name} --data_dir {where}` and copy it')

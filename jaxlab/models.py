@@ -10,6 +10,8 @@ import dataclasses
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
 
 from jaxlab.errors import UserError
 
@@ -96,6 +98,87 @@ class CNN2(nn.Module):
     return nn.Dense(self.num_classes, name='head')(x)
 
 
+class ScratchCNN(nn.Module):
+  """Report B's CNN trained from scratch.
+
+  Valid 3x3 convolutions of 16 channels, each followed by ReLU and a 2x2
+  max-pool, optional dropout, then one Dense layer: at 224 x 224 the flatten
+  has 54 * 54 * 16 = 46,656 features. Trains on logits (the report's code
+  applied softmax twice).
+  """
+  num_classes: int
+  channels: Sequence[int] = (16, 16)
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for i, features in enumerate(self.channels):
+      x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
+                          name=f'conv{i + 1}')(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    if self.dropout_rate:
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name='head')(_flatten(x))
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """[out, in] averaging weights of PyTorch's AdaptiveAvgPool along one axis.
+
+  Output cell i averages inputs floor(i * in / out) to
+  ceil((i + 1) * in / out) - 1; the cells overlap when in < out.
+  """
+  m = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start = (i * in_size) // out_size
+    end = -(-((i + 1) * in_size) // out_size)
+    m[i, start:end] = 1.0 / (end - start)
+  return m
+
+
+def adaptive_avg_pool(x, output_size: tuple[int, int]):
+  """torchvision's `AdaptiveAvgPool2d` for NHWC inputs of any spatial size."""
+  h, w = x.shape[1:3]
+  if (h, w) == tuple(output_size):
+    return x
+  rows = _adaptive_pool_matrix(h, output_size[0])
+  cols = _adaptive_pool_matrix(w, output_size[1])
+  return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
+
+
+class VGG16(nn.Module):
+  """VGG16 in torchvision's layout, NHWC.
+
+  Parameters are named by torchvision's module indices: `features.0` ...
+  `features.28` (the 13 convolutions), `classifier.0`, `classifier.3` and
+  `classifier.6` (the head, `num_classes` wide). `widths` (per block) and
+  `classifier_width` default to VGG16's; smaller values give the same
+  structure at a fraction of the cost.
+  """
+  num_classes: int
+  widths: Sequence[int] = (64, 128, 256, 512, 512)
+  classifier_width: int = 4096
+  dropout_rate: float = 0.5
+
+  BLOCK_DEPTHS = (2, 2, 3, 3, 3)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    index = 0  # torchvision's index in `features`: conv, ReLU, ..., pool.
+    for width, depth in zip(self.widths, self.BLOCK_DEPTHS):
+      for _ in range(depth):
+        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)),
+                            name=f'features.{index}')(x))
+        index += 2
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      index += 1
+    x = _flatten(adaptive_avg_pool(x, (7, 7)))
+    for index in (0, 3):
+      x = nn.relu(nn.Dense(self.classifier_width, name=f'classifier.{index}')(x))
+      x = nn.Dropout(self.dropout_rate, deterministic=not train,
+                     name=f'classifier.{index + 2}')(x)
+    return nn.Dense(self.num_classes, name='classifier.6')(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
   cls: type[nn.Module]
@@ -107,10 +190,12 @@ MODELS: dict[str, ModelSpec] = {
     'cnn1': ModelSpec(CNN1, {}),
     'cnn2': ModelSpec(CNN2, {}),
     'cnn_bn': ModelSpec(CNN1, {'batch_norm': True}),
+    'scratch_cnn': ModelSpec(ScratchCNN, {}),
+    'vgg16': ModelSpec(VGG16, {}),
 }
 
 # Config keys under `model` that are not constructor arguments.
-_NON_MODEL_KEYS = ('name', 'pretrained')
+_NON_MODEL_KEYS = ('name', 'pretrained', 'download_pretrained')
 
 
 def create_model(model_config, num_classes: int,
@@ -119,7 +204,8 @@ def create_model(model_config, num_classes: int,
 
   Args:
     model_config: the config's `model` section; `name` picks the model and
-      every other field (except `pretrained`) is a constructor argument.
+      every other field (except `pretrained` and `download_pretrained`) is
+      a constructor argument.
     num_classes: size of the output layer.
     axis_name: the `jax.pmap` axis over which BatchNorm averages statistics.
   """

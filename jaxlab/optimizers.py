@@ -58,28 +58,54 @@ def path_names(params) -> list[str]:
           flax.traverse_util.flatten_dict(params).keys()]
 
 
+# `features[0:15]`: torchvision-style modules `features.0` to `features.14`.
+_INDEX_SLICE = re.compile(r'^(\w+)\[(\d*):(\d*)\]$')
+
+
+def _matcher(pattern: str):
+  """A predicate over dotted parameter paths for one `frozen` entry.
+
+  An entry is either an index slice over numbered modules, like
+  'features[0:15]' (torchvision's `features[0:15]`: `features.0` to
+  `features.14`), or a regular expression matched at the start of the path,
+  like 'classifier' or r'conv1\.'.
+  """
+  sliced = _INDEX_SLICE.match(pattern)
+  if sliced:
+    prefix, start, stop = sliced.groups()
+    start = int(start or 0)
+    stop = int(stop) if stop else None
+    numbered = re.compile(rf'^{re.escape(prefix)}\.(\d+)\.')
+
+    def in_slice(name):
+      m = numbered.match(name)
+      return bool(m) and start <= int(m.group(1)) and (
+          stop is None or int(m.group(1)) < stop)
+    return in_slice
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise UserError(f'config optimizer.frozen pattern {pattern!r} is not a '
+                    f'regular expression: {e}') from None
+  return lambda name: regex.match(name) is not None
+
+
 def frozen_mask(params, patterns: Sequence[str]):
   """A pytree like `params` of TRAINABLE / FROZEN labels.
 
-  A parameter is frozen when any regular expression in `patterns` matches the
-  start of its dotted path (`re.match`), e.g. r'conv1\\.' or r'features\\.(0|2)\\.'.
+  A parameter is frozen when any entry of `patterns` matches its dotted path
+  (see `_matcher`). An entry that matches nothing is an error: it is
+  almost certainly a typo.
   """
-  compiled = []
-  for pattern in patterns:
-    try:
-      compiled.append(re.compile(pattern))
-    except re.error as e:
-      raise UserError(f'config optimizer.frozen pattern {pattern!r} is not a '
-                      f'regular expression: {e}') from None
+  matchers = {p: _matcher(p) for p in patterns}
   flat = flax.traverse_util.flatten_dict(params)
-  labels = {}
-  used = set()
+  labels, used = {}, set()
   for path in flat:
     name = '.'.join(path)
-    hits = [p.pattern for p in compiled if p.match(name)]
+    hits = [p for p, matches in matchers.items() if matches(name)]
     used.update(hits)
     labels[path] = FROZEN if hits else TRAINABLE
-  unused = [p.pattern for p in compiled if p.pattern not in used]
+  unused = [p for p in patterns if p not in used]
   if unused:
     raise UserError(f'config optimizer.frozen pattern {unused[0]!r} matches no '
                     f'parameter; parameter names look like {path_names(params)[:3]}')

@@ -48,7 +48,8 @@ class TrainState(train_state.TrainState):
 
 
 def create_train_state(model, optimizer_config, rng: jax.Array,
-                       image_shape: tuple[int, ...]) -> TrainState:
+                       image_shape: tuple[int, ...],
+                       load_params=None) -> TrainState:
   """Initialises `model` on a dummy batch and builds its optimizer.
 
   Args:
@@ -56,6 +57,8 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
     optimizer_config: the config's `optimizer` section.
     rng: key for parameter initialisation and for the run's randomness.
     image_shape: (height, width, channels) of one input image.
+    load_params: optional function from the initial params to the params to
+      start from (pretrained weights).
   """
   init_rng, state_rng = jax.random.split(rng)
   # Initialisation runs once: LLVM's optimisations would cost seconds of
@@ -65,6 +68,8 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
   variables = init({'params': init_rng, 'dropout': init_rng},
                    jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   params = variables['params']
+  if load_params is not None:
+    params = load_params(params)
   labels = optimizers.frozen_mask(params, optimizer_config.get('frozen', ()))
   frozen = frozenset(
       path for path, label in flax.traverse_util.flatten_dict(labels).items()
@@ -106,16 +111,22 @@ def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
   over devices, so the update equals that of the whole global batch on one
   device. Returns the new state and this step's `TrainMetrics`.
   """
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
-                           jax.lax.axis_index(AXIS))
-  images = preprocess(batch['image'])
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  augment_rng, dropout_rng = jax.random.split(step_rng)
+  device = jax.lax.axis_index(AXIS)
+  per_device = batch['label'].shape[0]
+  images = preprocess(
+      batch['image'], augment_rng,
+      example_ids=device * per_device + jnp.arange(per_device))
   labels = batch['label']
+  dropout_rng = jax.random.fold_in(dropout_rng, device)
   trainable, fixed = _partition(state.params, state.frozen)
 
   def loss_fn(trainable):
     logits, updates = state.apply_fn(
         _variables(_merge(trainable, fixed), state.batch_stats), images,
-        train=True, rngs={'dropout': rng}, mutable=['batch_stats'])
+        train=True, rngs={'dropout': dropout_rng},
+        mutable=['batch_stats'])
     return cross_entropy(logits, labels).mean(), (logits, updates)
 
   (_, (logits, updates)), grads = jax.value_and_grad(

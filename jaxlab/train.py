@@ -7,6 +7,7 @@ checkpoint. At the end: evaluate on the test split and write
 checkpoint, and ends with exactly the numbers of an uninterrupted run.
 """
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from jaxlab import input_pipeline
 from jaxlab import models
+from jaxlab import pretrained
 from jaxlab import records
 from jaxlab import steps
 from jaxlab import summary as summary_lib
@@ -174,8 +176,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               axis_name=steps.AXIS)
   summary = summary_lib.summarize(model, image_shape, config.batch_size,
                                   config.optimizer.frozen)
+  load_params = None
+  if config.model.pretrained and not done_epochs:
+    load_params = functools.partial(pretrained.load_for_model, config.model)
   state = steps.create_train_state(model, config.optimizer,
-                                   jax.random.PRNGKey(config.seed), image_shape)
+                                   jax.random.PRNGKey(config.seed), image_shape,
+                                   load_params)
   if done_epochs:
     state = checkpoints.restore(done_epochs, state)
     logging.info('Resumed from the checkpoint of epoch %d.', done_epochs)
