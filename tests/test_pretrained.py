@@ -94,15 +94,16 @@ def _small_torchvision_state(widths=(4, 8, 8, 16, 16), classifier_width=32):
   for width, depth in zip(widths, (2, 2, 3, 3, 3)):
     for _ in range(depth):
       state[f'features.{index}.weight'] = rng.normal(
-          size=(width, channels, 3, 3)).astype(np.float32)
+          0, np.sqrt(2 / (9 * channels)), (width, channels, 3, 3)).astype(
+              np.float32)
       state[f'features.{index}.bias'] = np.zeros(width, np.float32)
       channels, index = width, index + 2
     index += 1
   for i, (n_in, n_out) in zip((0, 3, 6), ((channels * 49, classifier_width),
                                          (classifier_width, classifier_width),
                                          (classifier_width, 1000))):
-    state[f'classifier.{i}.weight'] = rng.normal(size=(n_out, n_in)).astype(
-        np.float32)
+    state[f'classifier.{i}.weight'] = rng.normal(
+        0, np.sqrt(1 / n_in), (n_out, n_in)).astype(np.float32)
     state[f'classifier.{i}.bias'] = np.zeros(n_out, np.float32)
   return state
 
