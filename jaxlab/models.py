@@ -29,6 +29,17 @@ def _flatten(x):
   return x.reshape((x.shape[0], -1))
 
 
+def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int):
+  """Valid 3x3 convolutions `conv1`, `conv2`, ... with ReLU, and a 2x2
+  max-pool after every `convs_per_pool` of them (inside a compact method)."""
+  for i, features in enumerate(channels):
+    x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
+                        name=f'conv{i + 1}')(x))
+    if (i + 1) % convs_per_pool == 0:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+  return x
+
+
 class FC(nn.Module):
   """Report A's fully connected net: flatten -> 512 -> 256 -> classes."""
   num_classes: int
@@ -89,11 +100,7 @@ class CNN2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    for i, features in enumerate(self.channels):
-      x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
-                          name=f'conv{i + 1}')(x))
-      if i % 2 == 1:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = _valid_conv_blocks(x, self.channels, convs_per_pool=2)
     x = nn.Dense(self.hidden, name='dense1')(_flatten(x))
     return nn.Dense(self.num_classes, name='head')(x)
 
@@ -112,10 +119,7 @@ class ScratchCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    for i, features in enumerate(self.channels):
-      x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
-                          name=f'conv{i + 1}')(x))
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = _valid_conv_blocks(x, self.channels, convs_per_pool=1)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, name='head')(_flatten(x))

@@ -69,7 +69,7 @@ def _start(args) -> subprocess.Popen:
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
-                           per_class=40, mode='RGBA')
+                           per_class=24, mode='RGBA')
   whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
   run_launch(*_small_args(data, whole, epochs=4, batch=4))
 
