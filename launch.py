@@ -2,6 +2,8 @@
 
 Any config field can be overridden, e.g. --config.optimizer.learning_rate=0.002.
 --summary prints the model's layer table and parameter counts, and exits.
+A suite config (configs/suites/) runs all its experiments and seeds, then
+writes a report into the workdir.
 """
 
 import logging as std_logging
@@ -53,18 +55,27 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
 
+  from jaxlab import runtime  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
+  runtime.configure()
   config = FLAGS.config
+  is_suite = 'experiments' in config
   try:
     if FLAGS.summary:
+      if is_suite:
+        raise UserError('--summary takes an experiment config, not a suite')
       from jaxlab import summary  # pylint: disable=g-import-not-at-top
       print(summary.summarize_config(config).to_text())
       return
-    from jaxlab import train  # pylint: disable=g-import-not-at-top
     workdir = FLAGS.workdir or _default_workdir()
     logging.info('JAX devices: %s; workdir: %s', jax.devices(), workdir)
-    train.train_and_evaluate(config, workdir)
+    if is_suite:
+      from jaxlab import suite  # pylint: disable=g-import-not-at-top
+      suite.run_suite(config, workdir)
+    else:
+      from jaxlab import train  # pylint: disable=g-import-not-at-top
+      train.train_and_evaluate(config, workdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

@@ -14,7 +14,8 @@ HISTORY_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss',
                 'val_accuracy', 'images_per_sec')
 
 
-def _write_json_atomically(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON to `path` through a temporary file."""
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -30,7 +31,7 @@ def read_json(path: str) -> Any | None:
 
 
 def write_config(workdir: str, config_dict: dict) -> None:
-  _write_json_atomically(os.path.join(workdir, CONFIG), config_dict)
+  write_json(os.path.join(workdir, CONFIG), config_dict)
 
 
 def read_config(workdir: str) -> dict | None:
@@ -38,7 +39,7 @@ def read_config(workdir: str) -> dict | None:
 
 
 def write_results(workdir: str, results: dict) -> None:
-  _write_json_atomically(os.path.join(workdir, RESULTS), results)
+  write_json(os.path.join(workdir, RESULTS), results)
 
 
 def read_results(workdir: str) -> dict | None:
