@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs` and `jaxlab` import from the repo root.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Compiled programs are shared between this session's launches, not with
+# earlier sessions or the user's cache.
+os.environ['JAXLAB_COMPILATION_CACHE'] = tempfile.mkdtemp(prefix='jaxlab_xla_')
 
 
 def write_images(folder: str, count: int, label: int, size=(20, 16),
