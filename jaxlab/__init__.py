@@ -1,1 +1,5 @@
 """jaxlab: JAX/Flax image classification experiments from two course reports."""
+
+from jaxlab import runtime as _runtime
+
+_runtime.apply_xla_defaults()

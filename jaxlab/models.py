@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlab import ops
 from jaxlab.errors import UserError
 
 ACTIVATIONS: dict[str, Callable] = {'relu': nn.relu, 'sigmoid': nn.sigmoid}
@@ -36,7 +37,7 @@ def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int):
     x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
                         name=f'conv{i + 1}')(x))
     if (i + 1) % convs_per_pool == 0:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = ops.max_pool(x, 2)
   return x
 
 
@@ -173,7 +174,7 @@ class VGG16(nn.Module):
         x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)),
                             name=f'features.{index}')(x))
         index += 2
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = ops.max_pool(x, 2)
       index += 1
     x = _flatten(adaptive_avg_pool(x, (7, 7)))
     for index in (0, 3):
