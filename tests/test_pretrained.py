@@ -25,7 +25,7 @@ def torch_vgg16_files(tmp_path_factory):
   """A full-size reference VGG16 with random weights, saved both ways."""
   torch = pytest.importorskip('torch')
   from safetensors.torch import save_file
-  from tests.torch_reference import TorchVGG16
+  from benchmarks.torch_models import TorchVGG16
   torch.manual_seed(0)
   model = TorchVGG16().eval()
   folder = tmp_path_factory.mktemp('torch_vgg16')

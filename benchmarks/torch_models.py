@@ -1,0 +1,79 @@
+"""The benchmarked models written with torch.nn, as independent references.
+
+`TorchVGG16` has torchvision's layout and state-dict keys
+(`features.0.weight`, ..., `classifier.6.bias`); it stands in for
+torchvision's VGG16, which has no CPU build here. The tests use it as the
+reference for ported weights.
+"""
+
+import torch
+from torch import nn
+
+
+class TorchVGG16(nn.Module):
+
+  def __init__(self, num_classes=1000, widths=(64, 128, 256, 512, 512),
+               classifier_width=4096):
+    super().__init__()
+    layers, channels = [], 3
+    for width, depth in zip(widths, (2, 2, 3, 3, 3)):
+      for _ in range(depth):
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(True)]
+        channels = width
+      layers.append(nn.MaxPool2d(2, 2))
+    self.features = nn.Sequential(*layers)
+    self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+    self.classifier = nn.Sequential(
+        nn.Linear(channels * 49, classifier_width), nn.ReLU(True),
+        nn.Dropout(0.5), nn.Linear(classifier_width, classifier_width),
+        nn.ReLU(True), nn.Dropout(0.5),
+        nn.Linear(classifier_width, num_classes))
+    # torchvision's initialisation, so activations keep a sane scale.
+    for m in self.modules():
+      if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        nn.init.normal_(m.bias, 0, 0.01)
+      elif isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, 0, 0.01)
+        nn.init.normal_(m.bias, 0, 0.01)
+
+  def forward(self, x):
+    x = self.avgpool(self.features(x))
+    return self.classifier(torch.flatten(x, 1))
+
+
+def fc(num_classes, in_features, activation=nn.ReLU):
+  return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 512), activation(),
+                       nn.Linear(512, 256), activation(),
+                       nn.Linear(256, num_classes))
+
+
+def cnn2(num_classes, in_channels, size):
+  flat = 64 * ((((size - 4) // 2) - 4) // 2) ** 2
+  return nn.Sequential(
+      nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3),
+      nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+      nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+      nn.Linear(flat, 256), nn.Linear(256, num_classes))
+
+
+def cnn_bn(num_classes, in_channels, size):
+  layers, channels = [], in_channels
+  for i, width in enumerate((16, 16, 32, 32)):
+    layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width),
+               nn.ReLU()]
+    channels = width
+    if i % 2:
+      layers.append(nn.MaxPool2d(3, 2, padding=1))
+  side = (size + 1) // 2
+  side = (side + 1) // 2
+  return nn.Sequential(*layers, nn.Flatten(), nn.Linear(32 * side * side, 256),
+                       nn.ReLU(), nn.Linear(256, num_classes))
+
+
+def scratch_cnn(num_classes, in_channels, size):
+  side = ((size - 2) // 2 - 2) // 2
+  return nn.Sequential(
+      nn.Conv2d(in_channels, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+      nn.Conv2d(16, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+      nn.Linear(16 * side * side, num_classes))

@@ -1,0 +1,288 @@
+"""Train-step throughput: jaxlab against PyTorch on the same machine.
+
+  python benchmarks/train_step.py                      # every model
+  python benchmarks/train_step.py --models cnn2,fc --repeats 7
+  python benchmarks/train_step.py --pipeline           # the input pipeline too
+
+For each model, one worker process runs jaxlab's own train step (the
+pmapped `jaxlab.steps.train_step` that launch.py uses) and another the same
+model and step in PyTorch (eager, all cores, glibc malloc tuned to keep
+large buffers; add --torch-compile for torch.compile). The parent asks them
+for one step at a time, alternately, so that the machine's noise hits both
+alike, and reports medians after warm-up. Batches are synthetic uint8
+images, as the input pipeline delivers them. The table:
+
+  model, batch, jaxlab img/s, PyTorch img/s, ratio (jaxlab / PyTorch),
+  GFLOP/s (jaxlab, FLOPs of the compiled step from XLA's cost analysis),
+  % of peak (the machine's float32 matmul peak, measured here),
+  compile s (jaxlab, ahead of time), peak MiB (each worker's max RSS).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name: (jaxlab model config, batch, image size, channels, frozen patterns)
+MODELS = {
+    'fc': ({'name': 'fc'}, 64, 180, 4, ()),
+    'cnn2': ({'name': 'cnn2'}, 64, 180, 4, ()),
+    'cnn_bn': ({'name': 'cnn_bn'}, 64, 180, 4, ()),
+    'scratch_cnn': ({'name': 'scratch_cnn'}, 32, 224, 3, ()),
+    'vgg16': ({'name': 'vgg16'}, 8, 224, 3, ()),
+    'vgg16_frozen': ({'name': 'vgg16'}, 8, 224, 3, ('features',)),
+}
+NUM_CLASSES = 15
+# PyTorch eager is fastest here when glibc keeps large buffers instead of
+# returning them to the OS after every step.
+TORCH_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
+                'MALLOC_TRIM_THRESHOLD_': str(1 << 32)}
+
+
+def _max_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batch(batch, size, channels):
+  rng = np.random.default_rng(0)
+  return (rng.integers(0, 255, (batch, size, size, channels), dtype=np.uint8),
+          rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32))
+
+
+def jax_worker(name: str):
+  """Builds jaxlab's step; yields a function running one step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from flax import jax_utils  # pylint: disable=g-import-not-at-top
+  import jaxlab  # pylint: disable=g-import-not-at-top,unused-import
+  from jaxlab import models, steps  # pylint: disable=g-import-not-at-top
+  from jaxlab.preprocessing import Preprocess  # pylint: disable=g-import-not-at-top
+  model_cfg, batch, size, channels, frozen = MODELS[name]
+  model = models.create_model(ml_collections.ConfigDict(model_cfg),
+                              NUM_CLASSES, axis_name=steps.AXIS)
+  optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.001, momentum=0.9, grad_clip_norm=0.0,
+      frozen=frozen))
+  state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0),
+                                   (size, size, channels))
+  state = jax_utils.replicate(state)
+  p_train, _ = steps.pmapped_steps(Preprocess())
+  n_dev = jax.local_device_count()
+  images, labels = _batch(batch, size, channels)
+  device_batch = jax.device_put(
+      {'image': images.reshape((n_dev, -1) + images.shape[1:]),
+       'label': labels.reshape(n_dev, -1)})
+  start = time.perf_counter()
+  compiled = p_train.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) * n_dev
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = compiled(holder['state'], device_batch)
+    jax.block_until_ready(metrics)
+
+  return step, {'compile_s': compile_s, 'flops': flops, 'batch': batch}
+
+
+def torch_worker(name: str, use_compile: bool):
+  """The same model and SGD step in PyTorch; yields a one-step function."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  model_cfg, batch, size, channels, frozen = MODELS[name]
+  kind = model_cfg['name']
+  if kind == 'fc':
+    model = torch_models.fc(NUM_CLASSES, size * size * channels)
+  elif kind == 'vgg16':
+    model = torch_models.TorchVGG16(NUM_CLASSES)
+    if frozen:
+      model.features.requires_grad_(False)
+  else:
+    model = getattr(torch_models, kind)(NUM_CLASSES, channels, size)
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
+  images, labels = _batch(batch, size, channels)
+  images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(labels).long()
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(images.float() / 255), labels)
+    loss.backward()
+    optimizer.step()
+
+  start = time.perf_counter()
+  step = torch.compile(train_step) if use_compile else train_step
+  step()
+  return step, {'compile_s': time.perf_counter() - start if use_compile
+                else 0.0, 'batch': batch}
+
+
+def serve(framework: str, name: str, use_compile: bool) -> None:
+  """Worker loop: set up, report, then run one timed step per request."""
+  rss_before = _max_rss_mib()
+  if framework == 'jax':
+    step, info = jax_worker(name)
+  else:
+    step, info = torch_worker(name, use_compile)
+  print(json.dumps(info), flush=True)
+  for line in sys.stdin:
+    if line.strip() == 'quit':
+      break
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    print(json.dumps({'seconds': seconds,
+                      'peak_mib': _max_rss_mib() - rss_before}), flush=True)
+
+
+class Worker:
+
+  def __init__(self, framework, name, use_compile, env):
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', framework,
+           '--models', name] + (['--torch-compile'] if use_compile else [])
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env,
+                                 cwd=ROOT)
+    self.info = self._read()
+
+  def _read(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'worker {self.proc.args} died')
+    return json.loads(line)
+
+  def step(self):
+    self.proc.stdin.write('step\n')
+    self.proc.stdin.flush()
+    return self._read()
+
+  def close(self):
+    self.proc.stdin.write('quit\n')
+    self.proc.stdin.flush()
+    self.proc.wait()
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """The best float32 matmul rate of JAX and PyTorch here, in GFLOP/s."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  t = torch.ones(n, n)
+  rates = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    rates.append(2 * n ** 3 / (time.perf_counter() - start))
+    start = time.perf_counter()
+    t @ t
+    rates.append(2 * n ** 3 / (time.perf_counter() - start))
+  return max(rates) / 1e9
+
+
+def benchmark_model(name, repeats, warmup, use_compile):
+  env = dict(os.environ)
+  jax_side = Worker('jax', name, False, env)
+  torch_side = Worker('torch', name, use_compile, {**env, **TORCH_MALLOC})
+  times = {'jax': [], 'torch': []}
+  peaks = {'jax': 0.0, 'torch': 0.0}
+  for i in range(warmup + repeats):
+    for key, worker in (('jax', jax_side), ('torch', torch_side)):
+      out = worker.step()
+      peaks[key] = max(peaks[key], out['peak_mib'])
+      if i >= warmup:
+        times[key].append(out['seconds'])
+  jax_side.close()
+  torch_side.close()
+  batch = jax_side.info['batch']
+  jax_s, torch_s = np.median(times['jax']), np.median(times['torch'])
+  return {'model': name, 'batch': batch, 'jax_img_s': batch / jax_s,
+          'torch_img_s': batch / torch_s, 'ratio': torch_s / jax_s,
+          'gflop_s': jax_side.info['flops'] / jax_s / 1e9,
+          'compile_s': jax_side.info['compile_s'],
+          'jax_peak_mib': peaks['jax'], 'torch_peak_mib': peaks['torch']}
+
+
+def input_pipeline_rate(num_images: int = 256) -> dict:
+  """Images/s decoded and resized from a folder, and batched for training."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from jaxlab import input_pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  with tempfile.TemporaryDirectory() as root:
+    for i in range(num_images):
+      folder = os.path.join(root, f'class{i % 3}')
+      os.makedirs(folder, exist_ok=True)
+      Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)
+                      ).save(os.path.join(folder, f'{i}.jpg'), quality=90)
+    config = default.get_config().data
+    config.update(path=root, image_size=224, channels=3)
+    start = time.perf_counter()
+    dataset = input_pipeline.load_dataset(config)
+    decode = num_images / (time.perf_counter() - start)
+    sharding = input_pipeline.Sharding(0, 1, 1)
+    start, seen = time.perf_counter(), 0
+    for epoch in range(5):
+      for batch in input_pipeline.train_batches(dataset.train, 8, 0, epoch,
+                                                sharding):
+        seen += batch['label'].size
+    batching = seen / (time.perf_counter() - start)
+  return {'decode_resize_img_s': decode, 'batching_img_s': batching}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--models', default=','.join(MODELS))
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--torch-compile', action='store_true')
+  parser.add_argument('--pipeline', action='store_true')
+  parser.add_argument('--worker', choices=('jax', 'torch'))
+  args = parser.parse_args()
+  if args.worker:
+    serve(args.worker, args.models, args.torch_compile)
+    return
+  peak = matmul_peak_gflops()
+  print(f'float32 matmul peak (best of JAX and PyTorch): {peak:.1f} GFLOP/s')
+  header = ('model', 'batch', 'jaxlab img/s', 'PyTorch img/s', 'ratio',
+            'GFLOP/s', '% of peak', 'compile s', 'peak MiB jax/torch')
+  print(' | '.join(header))
+  rows = []
+  for name in args.models.split(','):
+    r = benchmark_model(name, args.repeats, args.warmup, args.torch_compile)
+    rows.append(r)
+    print(f'{r["model"]} | {r["batch"]} | {r["jax_img_s"]:.2f} | '
+          f'{r["torch_img_s"]:.2f} | {r["ratio"]:.2f} | {r["gflop_s"]:.1f} | '
+          f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | '
+          f'{r["jax_peak_mib"]:.0f}/{r["torch_peak_mib"]:.0f}', flush=True)
+  if args.pipeline:
+    rates = input_pipeline_rate()
+    print(f'input pipeline: {rates["decode_resize_img_s"]:.0f} img/s decoded '
+          f'and resized (224 x 224, from JPEG), {rates["batching_img_s"]:.0f} '
+          'img/s batched')
+    consumers = [r for r in rows if r['model'] in ('scratch_cnn', 'vgg16')]
+    for r in consumers:
+      print(f'  {r["model"]} consumes {r["jax_img_s"]:.1f} img/s: batching is '
+            f'{rates["batching_img_s"] / r["jax_img_s"]:.0f}x faster')
+
+
+if __name__ == '__main__':
+  main()
