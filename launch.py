@@ -60,7 +60,7 @@ def main(argv):
     jax.distributed.initialize()
   runtime.configure()
   config = FLAGS.config
-  is_suite = 'experiments' in config
+  is_suite = 'experiments' in config  # configs/suites/*: see jaxlab.suite.
   try:
     if FLAGS.summary:
       if is_suite:
@@ -99,7 +99,8 @@ def _exit_with_flag_error(e: Exception, argv) -> None:
   if unknown_key:
     message = (f'unknown config key {message} (config overrides: '
                f'{" ".join(overrides)})')
-  sys.exit(f'error: {message}')
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
 
 
 def _parse_flags(argv):

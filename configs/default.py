@@ -8,8 +8,9 @@ on 2 CPU cores.
 
 Expected: test accuracy about 0.97 on the 180 test digits (chance: 0.10).
 
-Every config builds on this one, so every config has the same keys; the
-experiment configs override a few of them.
+Every config builds on this one, so every config has these keys; the
+experiment configs override some and add their model's and optimizer's
+options (e.g. `model.activation`, `optimizer.alpha`).
 """
 
 import ml_collections

@@ -40,7 +40,11 @@ class Checkpoints:
                                    args=ocp.args.StandardRestore(target))
     return like.replace(**fields)
 
-  def close(self) -> None:
-    """Waits for a save in flight to finish."""
+  def wait(self) -> None:
+    """Returns once every save in flight is complete on disk."""
     self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for saves in flight, then releases the manager's threads."""
+    self.wait()
     self._manager.close()

@@ -189,8 +189,12 @@ def _decode_all(paths: list[str], labels: np.ndarray,
 
 
 def _read_class_tree(root: str, class_names: list[str], data_config):
+  """Every image of `root/<class>/`, labelled by the class's index in
+  `class_names`; a class without a folder under `root` has no images here."""
   paths, labels = [], []
   for label, name in enumerate(class_names):
+    if not os.path.isdir(os.path.join(root, name)):
+      continue
     files = _list_images(os.path.join(root, name))
     paths += files
     labels += [label] * len(files)
@@ -216,10 +220,8 @@ def _load_folder(data_config) -> Dataset:
       if extra:
         raise UserError(f'{split_dir} has class folder(s) {sorted(extra)} that '
                         f'{train_dir} lacks; both must hold the same classes')
-      splits[split_name] = Split(*_read_class_tree(
-          split_dir, [c for c in class_names
-                      if os.path.isdir(os.path.join(split_dir, c))],
-          data_config))
+      splits[split_name] = Split(*_read_class_tree(split_dir, class_names,
+                                                   data_config))
     return Dataset(splits['train'], splits[val_name], splits['test'],
                    class_names, source=f'image folder {root} (pre-split)')
   class_names = sorted(subdirs)
@@ -260,6 +262,9 @@ def _load_tfds(data_config) -> Dataset:
     if key not in features:
       raise UserError(f'tfds dataset {name!r} has no feature {key!r}; its '
                       f'features are {sorted(features.keys())}')
+  if not hasattr(features[label_key], 'num_classes'):
+    raise UserError(f'config data.label_key={label_key!r} of tfds dataset '
+                    f'{name!r} is not a class label')
   size, channels = data_config.image_size, data_config.channels
 
   def read(split_name) -> Split:
@@ -280,7 +285,7 @@ def _load_tfds(data_config) -> Dataset:
   if held_out:
     train = read('train')
     val = read(held_out[0])
-    test = read(held_out[-1])
+    test = read(held_out[-1]) if len(held_out) > 1 else val
   else:
     whole = read('train')
     train, val, test = _split(whole.images, whole.labels, data_config,
@@ -399,5 +404,12 @@ def num_classes(data_config) -> int:
     except tfds.core.registered.DatasetNotFoundError:
       raise UserError(f'config data.tfds_name={data_config.tfds_name!r} is '
                       'not a tensorflow-datasets dataset') from None
-    return builder.info.features[data_config.label_key].num_classes
+    features = builder.info.features
+    label = features[data_config.label_key] if (
+        data_config.label_key in features) else None
+    if not hasattr(label, 'num_classes'):
+      raise UserError(f'config data.label_key={data_config.label_key!r} is not '
+                      f'a class label of tfds dataset {data_config.tfds_name!r};'
+                      f' its features are {sorted(features.keys())}')
+    return label.num_classes
   return 10

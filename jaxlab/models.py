@@ -168,6 +168,9 @@ class VGG16(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if len(self.widths) != len(self.BLOCK_DEPTHS):
+      raise UserError(f'config model.widths={tuple(self.widths)} must have '
+                      f'{len(self.BLOCK_DEPTHS)} entries, one per VGG16 block')
     index = 0  # torchvision's index in `features`: conv, ReLU, ..., pool.
     for width, depth in zip(self.widths, self.BLOCK_DEPTHS):
       for _ in range(depth):

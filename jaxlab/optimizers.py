@@ -112,6 +112,12 @@ def frozen_mask(params, patterns: Sequence[str]):
   return flax.traverse_util.unflatten_dict(labels)
 
 
+def check_name(name: str) -> None:
+  if name not in _RULES:
+    raise UserError(f'config optimizer.name={name!r} is not an optimizer; '
+                    f'choose one of {sorted(_RULES)}')
+
+
 def create_optimizer(optimizer_config, labels) -> optax.GradientTransformation:
   """Builds the optimizer named by `optimizer_config.name`.
 
@@ -120,9 +126,7 @@ def create_optimizer(optimizer_config, labels) -> optax.GradientTransformation:
     labels: a pytree like the params of TRAINABLE / FROZEN (`frozen_mask`).
   """
   name = optimizer_config.name
-  if name not in _RULES:
-    raise UserError(f'config optimizer.name={name!r} is not an optimizer; '
-                    f'choose one of {sorted(_RULES)}')
+  check_name(name)
   rule, options = _RULES[name]
   # Options of other optimizers are ignored, so that a config written for
   # one can be run with another by overriding `optimizer.name` alone.

@@ -228,9 +228,13 @@ def _read_msgpack(path: str) -> dict:
   _check_exists(path)
   try:
     with open(path, 'rb') as f:
-      return flax.serialization.msgpack_restore(f.read())
+      variables = flax.serialization.msgpack_restore(f.read())
   except Exception as e:  # pylint: disable=broad-except
     raise UserError(f'cannot read {path} as converted weights: {e}') from None
+  if not isinstance(variables, dict) or 'params' not in variables:
+    raise UserError(f'{path} holds no params; write it with `python -m '
+                    'jaxlab.pretrained convert WEIGHTS OUT.msgpack`')
+  return variables
 
 
 def load_vgg16_file(path: str) -> dict:

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 CONFIG, HISTORY, RESULTS = 'config.json', 'history.jsonl', 'results.json'
+FAILED = 'failed.json'  # A suite run that raised: {"error": message}.
 HISTORY_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss',
                 'val_accuracy', 'images_per_sec')
 
@@ -47,11 +48,21 @@ def read_results(workdir: str) -> dict | None:
 
 
 def read_history(workdir: str) -> list[dict]:
+  """The epochs in history.jsonl; a last line cut short by a kill is dropped
+  (that epoch has no checkpoint either, so it will be trained again)."""
   path = os.path.join(workdir, HISTORY)
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  entries = []
+  for i, line in enumerate(lines):
+    try:
+      entries.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise
+  return entries
 
 
 def truncate_history(workdir: str, last_epoch: int) -> None:

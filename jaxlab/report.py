@@ -1,6 +1,7 @@
 """Tables and figures over finished runs: `python -m jaxlab.report DIR`.
 
-Finds every run under DIR (a folder with a `config.json`), groups runs of
+Finds every run under DIR (a folder with a `config.json`, or a suite's
+`failed.json`), groups runs of
 the same experiment over seeds (`DIR/<experiment>/seed_<n>/`, as suites lay
 them out; any other run folder is an experiment of its own), and writes:
 
@@ -12,7 +13,7 @@ them out; any other run folder is an experiment of its own), and writes:
   DIR/figures/    per experiment, train and validation loss per epoch;
                   overlays of all experiments (training accuracy,
                   validation accuracy, losses), mean line and ± 1 standard
-                  deviation band over seeds
+                  deviation band over seeds (finished runs only)
 
 The spread is the sample standard deviation (n - 1); with one seed it is
 shown as '-'.
@@ -33,7 +34,6 @@ import numpy as np
 from jaxlab import records
 
 _SEED_DIR = re.compile(r'^seed_(\d+)$')
-FAILED = 'failed.json'
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ def find_runs(root: str) -> list[Run]:
   runs = []
   for directory, subdirs, files in os.walk(root):
     subdirs[:] = sorted(d for d in subdirs if d != 'checkpoints')
-    if records.CONFIG not in files and FAILED not in files:
+    if records.CONFIG not in files and records.FAILED not in files:
       continue
     rel = os.path.relpath(directory, root)
     parent, leaf = os.path.split(rel)
@@ -67,7 +67,7 @@ def find_runs(root: str) -> list[Run]:
     experiment = (parent or os.path.basename(os.path.abspath(root))) \
         if seed_match else rel
     seed = int(seed_match.group(1)) if seed_match else config.get('seed', 0)
-    failed = records.read_json(os.path.join(directory, FAILED))
+    failed = records.read_json(os.path.join(directory, records.FAILED))
     runs.append(Run(experiment, seed, directory, config,
                     records.read_results(directory),
                     records.read_history(directory),
@@ -99,6 +99,9 @@ def mean_std(values) -> tuple[float, float | None]:
 
 
 def _cell(values, digits: int = 4) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return '-'
   mean, std = mean_std(values)
   spread = '-' if std is None else f'{std:.{digits}f}'
   return f'{mean:.{digits}f} ± {spread}'
@@ -250,10 +253,10 @@ def write_report(root: str) -> str:
   lines += ['## Figures', '']
   for key in _OVERLAYS:
     file = f'{key}.png'
-    if _overlay_figure(key, groups, os.path.join(figures, file)):
+    if _overlay_figure(key, finished, os.path.join(figures, file)):
       lines.append(f'![{_OVERLAYS[key]}](figures/{file})')
   lines.append('')
-  for name, rs in groups.items():
+  for name, rs in finished.items():
     file = f'loss_{_slug(name)}.png'
     if _loss_figure(name, rs, os.path.join(figures, file)):
       lines.append(f'![{name}: loss](figures/{file})')

@@ -23,7 +23,6 @@ from jaxlab import train
 from jaxlab.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAILED = 'failed.json'
 
 
 def experiment(name: str, config: str, overrides: dict | None = None) -> dict:
@@ -32,10 +31,6 @@ def experiment(name: str, config: str, overrides: dict | None = None) -> dict:
   Overrides use dotted keys, e.g. {'optimizer.learning_rate': 0.002}.
   """
   return {'name': name, 'config': config, 'overrides': dict(overrides or {})}
-
-
-def is_suite(config) -> bool:
-  return 'experiments' in config
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -48,8 +43,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(
       'suite_' + os.path.basename(full)[:-3], full)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config()
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'config file {path} does not load: '
+                    f'{type(e).__name__}: {e}') from None
 
 
 def run_config(suite_config, entry: dict, seed: int) -> ml_collections.ConfigDict:
@@ -58,18 +57,16 @@ def run_config(suite_config, entry: dict, seed: int) -> ml_collections.ConfigDic
   overrides = dict(entry['overrides'], seed=seed)
   if suite_config.data_path:
     overrides['data.path'] = suite_config.data_path
+  config.lock()  # An override may change values, not add keys.
   for key, value in overrides.items():
-    parent, _, leaf = key.rpartition('.')
-    node = config
-    for part in filter(None, parent.split('.')):
-      node = node.get(part)
-      if not isinstance(node, ml_collections.ConfigDict):
-        break
-    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+    try:
+      config.update_from_flattened_dict({key: value})
+    except (KeyError, AttributeError):
       raise UserError(f'suite experiment {entry["name"]!r}: override {key!r} '
-                      f'is not a key of {entry["config"]}')
-    node[leaf] = value
-  config.lock()
+                      f'is not a key of {entry["config"]}') from None
+    except (TypeError, ValueError) as e:
+      raise UserError(f'suite experiment {entry["name"]!r}: override '
+                      f'{key}={value!r} does not fit: {e}') from None
   return config
 
 
@@ -108,7 +105,7 @@ def run_suite(suite_config, workdir: str) -> list[dict]:
     directory = run_dir(workdir, entry['name'], seed)
     logging.info('Suite run %d/%d: %s, seed %d, in %s', i + 1, len(runs),
                  entry['name'], seed, directory)
-    failed = os.path.join(directory, FAILED)
+    failed = os.path.join(directory, records.FAILED)
     try:
       train.train_and_evaluate(config, directory)
     except Exception as e:  # pylint: disable=broad-except

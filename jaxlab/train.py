@@ -1,8 +1,8 @@
 """`train_and_evaluate`: the one training loop every experiment runs through.
 
 Per epoch: train on every full batch of the training split, evaluate on the
-validation split, write `history.jsonl`, TensorBoard events and a
-checkpoint. At the end: evaluate on the test split and write
+validation split, write `history.jsonl` and TensorBoard events, and a
+checkpoint every `checkpoint.every_epochs` epochs (and after the last). At the end: evaluate on the test split and write
 `results.json`. Running again on the same workdir resumes from the newest
 checkpoint, and ends with exactly the numbers of an uninterrupted run.
 """
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from jaxlab import input_pipeline
 from jaxlab import models
+from jaxlab import optimizers
 from jaxlab import pretrained
 from jaxlab import records
 from jaxlab import steps
@@ -65,8 +66,17 @@ def _check_same_run(workdir: str, config_dict: dict) -> None:
 
 
 def _check_config(config) -> None:
-  if config.num_epochs < 1:
-    raise UserError(f'config num_epochs={config.num_epochs} must be at least 1')
+  """Checks that need no data, so that mistakes fail before slow work."""
+  for key in ('num_epochs', 'checkpoint.every_epochs', 'checkpoint.keep'):
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if value < 1:
+      raise UserError(f'config {key}={value} must be at least 1')
+  if config.model.name not in models.MODELS:
+    raise UserError(f'config model.name={config.model.name!r} is not a model; '
+                    f'choose one of {sorted(models.MODELS)}')
+  optimizers.check_name(config.optimizer.name)
 
 
 def _unreplicate(tree):
@@ -147,23 +157,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Checked before any slow work: both must split over the devices.
   sharding.local_batch_size(config.batch_size, 'batch_size')
   sharding.local_batch_size(config.eval_batch_size, 'eval_batch_size')
+  preprocess = Preprocess.from_config(config.data)
 
   checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'),
                             every_epochs=config.checkpoint.every_epochs,
                             keep=config.checkpoint.keep)
-  done_epochs = checkpoints.latest_epoch() or 0
-  if done_epochs > config.num_epochs:
-    raise UserError(f'workdir {workdir} holds a run already trained for '
-                    f'{done_epochs} epochs, more than num_epochs='
-                    f'{config.num_epochs}; use another --workdir')
-  finished = records.read_results(workdir)
-  if finished and finished['epochs'] == config.num_epochs:
-    logging.info('Run in %s already finished %d epochs; results are in %s.',
-                 workdir, config.num_epochs,
-                 os.path.join(workdir, records.RESULTS))
+  try:
+    done_epochs = checkpoints.latest_epoch() or 0
+    if done_epochs > config.num_epochs:
+      raise UserError(f'workdir {workdir} holds a run already trained for '
+                      f'{done_epochs} epochs, more than num_epochs='
+                      f'{config.num_epochs}; use another --workdir')
+    finished = records.read_results(workdir)
+    if finished and finished['epochs'] == config.num_epochs:
+      logging.info('Run in %s already finished %d epochs; results are in %s.',
+                   workdir, config.num_epochs,
+                   os.path.join(workdir, records.RESULTS))
+      return finished
+    if finished and jax.process_index() == 0:
+      # Continued for more epochs: the old results no longer describe it.
+      os.remove(os.path.join(workdir, records.RESULTS))
+    return _train(config, workdir, config_dict, checkpoints, done_epochs,
+                  preprocess, sharding)
+  finally:
     checkpoints.close()
-    return finished
 
+
+def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
+           sharding) -> dict:
+  """The body of `train_and_evaluate`, from data loading to results."""
   dataset = input_pipeline.load_dataset(config.data)
   logging.info('Data: %s; %d train / %d val / %d test examples, %d classes.',
                dataset.source, len(dataset.train), len(dataset.val),
@@ -191,43 +213,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  if not done_epochs:
-    writer.write_hparams(_flat(config_dict))
-  preprocess = Preprocess.from_config(config.data)
-  p_train, p_eval = steps.pmapped_steps(preprocess)
-  state = jax_utils.replicate(state)
-  train_fn, compile_seconds = _compile_train_step(p_train, state, dataset,
-                                                  config, sharding)
-  logging.info('Compiled the train step in %.1f s.', compile_seconds)
+  try:
+    if not done_epochs:
+      writer.write_hparams(_flat(config_dict))
+    p_train, p_eval = steps.pmapped_steps(preprocess)
+    state = jax_utils.replicate(state)
+    train_fn, compile_seconds = _compile_train_step(p_train, state, dataset,
+                                                    config, sharding)
+    logging.info('Compiled the train step in %.1f s.', compile_seconds)
 
-  for epoch in range(done_epochs + 1, config.num_epochs + 1):
-    state, train, images_per_sec = _train_epoch(train_fn, state, dataset,
-                                                config, epoch, sharding)
-    if not math.isfinite(train['loss']):
-      checkpoints.close()
-      last = checkpoints.latest_epoch()
-      raise TrainingDiverged(
-          f'training loss became {train["loss"]} in epoch {epoch}; stopped '
-          'without saving it (last good checkpoint: '
-          f'{f"epoch {last}" if last else "none"}); try a lower '
-          f'--config.optimizer.learning_rate (now '
-          f'{config.optimizer.learning_rate})')
-    val = evaluate(p_eval, state, dataset.val, config.eval_batch_size, sharding)
-    entry = {'epoch': epoch, 'train_loss': train['loss'],
-             'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
-             'val_accuracy': val['accuracy'], 'images_per_sec': images_per_sec}
-    writer.write_scalars(epoch, {**{k: v for k, v in entry.items()
-                                    if k != 'epoch'},
-                                 'grad_norm': train['grad_norm']})
-    # History first: a run killed before its checkpoint is complete redoes
-    # the epoch, and resuming trims the history back to the checkpoint.
-    if jax.process_index() == 0:
-      records.append_history(workdir, entry)
-    checkpoints.save(epoch, _unreplicate(state),
-                     force=epoch == config.num_epochs)
+    for epoch in range(done_epochs + 1, config.num_epochs + 1):
+      state, train, images_per_sec = _train_epoch(train_fn, state, dataset,
+                                                  config, epoch, sharding)
+      if not math.isfinite(train['loss']):
+        last = checkpoints.latest_epoch()
+        raise TrainingDiverged(
+            f'training loss became {train["loss"]} in epoch {epoch}; stopped '
+            'without saving it (last good checkpoint: '
+            f'{f"epoch {last}" if last else "none"}); try a lower '
+            f'--config.optimizer.learning_rate (now '
+            f'{config.optimizer.learning_rate}) with a new --workdir')
+      val = evaluate(p_eval, state, dataset.val, config.eval_batch_size,
+                     sharding)
+      entry = {'epoch': epoch, 'train_loss': train['loss'],
+               'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
+               'val_accuracy': val['accuracy'],
+               'images_per_sec': images_per_sec}
+      writer.write_scalars(epoch, {**{k: v for k, v in entry.items()
+                                      if k != 'epoch'},
+                                   'grad_norm': train['grad_norm']})
+      # History first: a run killed before its checkpoint is complete redoes
+      # the epoch, and resuming trims the history back to the checkpoint.
+      if jax.process_index() == 0:
+        records.append_history(workdir, entry)
+      checkpoints.save(epoch, _unreplicate(state),
+                       force=epoch == config.num_epochs)
 
-  test = evaluate(p_eval, state, dataset.test, config.eval_batch_size, sharding)
-  checkpoints.close()
+    test = evaluate(p_eval, state, dataset.test, config.eval_batch_size,
+                    sharding)
+    writer.write_scalars(config.num_epochs, {'test_loss': test['loss'],
+                                             'test_accuracy': test['accuracy']})
+  finally:
+    writer.close()
   history = records.read_history(workdir)
   last = history[-1] if history else {}
   results = {
@@ -243,9 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'total_params': summary.total_params,
       'trainable_params': summary.trainable_params,
   }
-  writer.write_scalars(config.num_epochs, {'test_loss': test['loss'],
-                                           'test_accuracy': test['accuracy']})
-  writer.flush()
+  checkpoints.wait()  # Every checkpoint is on disk before the results are.
   if jax.process_index() == 0:
     records.write_results(workdir, results)
   logging.info('Test loss %.4f, accuracy %.4f on %d examples.', test['loss'],

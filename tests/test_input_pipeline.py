@@ -213,3 +213,17 @@ def test_batch_size_that_devices_cannot_split_is_named():
   with pytest.raises(UserError, match=r'batch_size=6 cannot be split evenly '
                      r'over 4 devices; use a multiple of 4'):
     Sharding(0, 1, 4).local_batch_size(6, 'batch_size')
+
+
+def test_presplit_test_folder_missing_a_class_keeps_labels(tmp_path):
+  root = make_image_folder(str(tmp_path / 'scenes'), num_classes=3,
+                           per_class=6, presplit=True, mode='RGB')
+  import shutil
+  shutil.rmtree(os.path.join(root, 'test', 'class1'))
+  ds = input_pipeline.load_dataset(_data_config(path=root, image_size=8,
+                                                channels=3))
+  assert ds.class_names == ['class0', 'class1', 'class2']
+  assert sorted(set(ds.test.labels.tolist())) == [0, 2]
+  # class2's test images are labelled 2, like class2's training images.
+  mean = lambda split, label: split.images[split.labels == label].mean()
+  assert abs(mean(ds.test, 2) - mean(ds.train, 2)) < 20

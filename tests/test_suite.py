@@ -143,3 +143,19 @@ def test_suite_typo_fails_before_training(tmp_path):
                     '--config.seeds=()', check=False)
   assert proc.stderr.strip().splitlines()[-1] == (
       'error: config seeds is empty; give at least one seed')
+
+
+def test_suite_override_of_wrong_type_or_key_is_named():
+  import ml_collections
+  from jaxlab import suite
+  from jaxlab.errors import UserError
+  config = ml_collections.ConfigDict({'data_path': '', 'seeds': (0,)})
+  bad_type = suite.experiment('x', 'configs/default.py',
+                              {'optimizer.frozen': 3})
+  with pytest.raises(UserError, match=r"'x': override optimizer.frozen=3 "
+                     'does not fit'):
+    suite.run_config(config, bad_type, 0)
+  bad_key = suite.experiment('y', 'configs/default.py', {'optimiser.name': 1})
+  with pytest.raises(UserError, match=r"'y': override 'optimiser.name' is not "
+                     'a key of configs/default.py'):
+    suite.run_config(config, bad_key, 0)

@@ -163,3 +163,20 @@ def test_batch_larger_than_training_set_is_named(tiny_folder, tmp_path):
                      'training examples'):
     train.train_and_evaluate(_tiny_config(tiny_folder, batch_size=64),
                              str(tmp_path / 'run'))
+
+
+def test_torn_last_history_line_is_dropped(tmp_path):
+  path = tmp_path / records.HISTORY
+  path.write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "tra')
+  assert records.read_history(str(tmp_path)) == [{'epoch': 1,
+                                                   'train_loss': 1.0}]
+  records.truncate_history(str(tmp_path), 1)
+  assert path.read_text() == '{"epoch": 1, "train_loss": 1.0}\n'
+
+
+def test_bad_checkpoint_settings_fail_before_any_work(tmp_path):
+  config = _tiny_config(str(tmp_path / 'no_data_needed'))
+  config.checkpoint.keep = 0
+  with pytest.raises(UserError, match=r'config checkpoint.keep=0 must be at '
+                     'least 1'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
