@@ -107,23 +107,26 @@ def _train_epoch(train_fn, state, dataset, config, epoch: int,
              # None: shown on a terminal only, not in logs.
              disable=(None if config.progress_bar and jax.process_index() == 0
                       else True))
-  epoch_metrics, previous = None, None
+  step_metrics = []
   start = time.perf_counter()
   for batch in batches:
-    state, step_metrics = train_fn(state, batch)
+    state, metrics = train_fn(state, batch)
     # One step in flight at a time: the bar shows real throughput, and no
     # queue of pending steps builds up.
-    if previous is not None:
-      jax.block_until_ready(previous)
-    previous = step_metrics
-    epoch_metrics = (step_metrics if epoch_metrics is None
-                     else epoch_metrics.merge(step_metrics))
+    if step_metrics:
+      jax.block_until_ready(step_metrics[-1])
+    step_metrics.append(metrics)
     bar.update(config.batch_size)
-  jax.block_until_ready(epoch_metrics)
+  jax.block_until_ready(step_metrics[-1])
   seconds = time.perf_counter() - start
   bar.close()
-  computed = {k: float(v)
-              for k, v in _unreplicate(epoch_metrics).compute().items()}
+  # Merged once per epoch, on the host and in float64, rather than by
+  # device computations after every step.
+  merged = functools.reduce(
+      lambda a, b: a.merge(b),
+      [jax.tree.map(lambda x: np.float64(x[0]), m)
+       for m in jax.device_get(step_metrics)])
+  computed = {k: float(v) for k, v in merged.compute().items()}
   return state, computed, n_steps * config.batch_size / seconds
 
 
