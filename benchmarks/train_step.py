@@ -7,9 +7,11 @@
 For each model, one worker process runs jaxlab's own train step (the
 pmapped `jaxlab.steps.train_step` that launch.py uses) and another the same
 model and step in PyTorch (eager, all cores, glibc malloc tuned to keep
-large buffers; add --torch-compile for torch.compile). The parent asks them
-for one step at a time, alternately, so that the machine's noise hits both
-alike, and reports medians after warm-up. Batches are synthetic uint8
+large buffers; add --torch-compile for torch.compile). The parent gives
+them turns, alternately, so that the machine's noise hits both alike: each
+turn runs --steps-per-turn steps (default 2) and times the last, since the
+first step after the other framework's turn runs slower. Medians after
+warm-up. Batches are synthetic uint8
 images, as the input pipeline delivers them. The table:
 
   model, batch, jaxlab img/s, PyTorch img/s, ratio (jaxlab / PyTorch),
@@ -144,6 +146,11 @@ def serve(framework: str, name: str, use_compile: bool) -> None:
   for line in sys.stdin:
     if line.strip() == 'quit':
       break
+    # `step N`: N steps, the last one timed. The first step after the other
+    # worker's turn runs slower (caches, memory), so N = 2 measures the
+    # steady state while still interleaving the two frameworks.
+    for _ in range(int(line.split()[1]) - 1):
+      step()
     start = time.perf_counter()
     step()
     seconds = time.perf_counter() - start
@@ -167,8 +174,8 @@ class Worker:
       raise RuntimeError(f'worker {self.proc.args} died')
     return json.loads(line)
 
-  def step(self):
-    self.proc.stdin.write('step\n')
+  def step(self, count: int = 1):
+    self.proc.stdin.write(f'step {count}\n')
     self.proc.stdin.flush()
     return self._read()
 
@@ -198,7 +205,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
   return max(rates) / 1e9
 
 
-def benchmark_model(name, repeats, warmup, use_compile):
+def benchmark_model(name, repeats, warmup, use_compile, steps_per_turn):
   env = dict(os.environ)
   jax_side = Worker('jax', name, False, env)
   torch_side = Worker('torch', name, use_compile, {**env, **TORCH_MALLOC})
@@ -206,7 +213,7 @@ def benchmark_model(name, repeats, warmup, use_compile):
   peaks = {'jax': 0.0, 'torch': 0.0}
   for i in range(warmup + repeats):
     for key, worker in (('jax', jax_side), ('torch', torch_side)):
-      out = worker.step()
+      out = worker.step(steps_per_turn)
       peaks[key] = max(peaks[key], out['peak_mib'])
       if i >= warmup:
         times[key].append(out['seconds'])
@@ -221,7 +228,7 @@ def benchmark_model(name, repeats, warmup, use_compile):
           'jax_peak_mib': peaks['jax'], 'torch_peak_mib': peaks['torch']}
 
 
-def input_pipeline_rate(num_images: int = 256) -> dict:
+def input_pipeline_rate(num_images: int = 1024) -> dict:
   """Images/s decoded and resized from a folder, and batched for training."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -239,11 +246,12 @@ def input_pipeline_rate(num_images: int = 256) -> dict:
     dataset = input_pipeline.load_dataset(config)
     decode = num_images / (time.perf_counter() - start)
     sharding = input_pipeline.Sharding(0, 1, 1)
-    start, seen = time.perf_counter(), 0
-    for epoch in range(5):
-      for batch in input_pipeline.train_batches(dataset.train, 8, 0, epoch,
-                                                sharding):
-        seen += batch['label'].size
+    epoch = lambda e: sum(b['label'].size for b in input_pipeline.train_batches(
+        dataset.train, 8, 0, e, sharding))
+    epoch(0)  # Warm-up: TensorFlow's start and the images' copy into it.
+    start = time.perf_counter()
+    # Each epoch includes starting its tf.data pipeline.
+    seen = sum(epoch(e) for e in range(1, 4))
     batching = seen / (time.perf_counter() - start)
   return {'decode_resize_img_s': decode, 'batching_img_s': batching}
 
@@ -254,6 +262,9 @@ def main():
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--torch-compile', action='store_true')
+  parser.add_argument('--steps-per-turn', type=int, default=2,
+                      help='steps each framework runs per turn; the last is '
+                      'timed')
   parser.add_argument('--pipeline', action='store_true')
   parser.add_argument('--worker', choices=('jax', 'torch'))
   args = parser.parse_args()
@@ -267,7 +278,8 @@ def main():
   print(' | '.join(header))
   rows = []
   for name in args.models.split(','):
-    r = benchmark_model(name, args.repeats, args.warmup, args.torch_compile)
+    r = benchmark_model(name, args.repeats, args.warmup, args.torch_compile,
+                        args.steps_per_turn)
     rows.append(r)
     print(f'{r["model"]} | {r["batch"]} | {r["jax_img_s"]:.2f} | '
           f'{r["torch_img_s"]:.2f} | {r["ratio"]:.2f} | {r["gflop_s"]:.1f} | '
