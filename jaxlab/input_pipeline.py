@@ -201,14 +201,20 @@ def _read_class_tree(root: str, class_names: list[str], data_config):
   return _decode_all(paths, np.asarray(labels, np.int32), data_config)
 
 
-def _load_folder(data_config) -> Dataset:
-  root = data_config.path
+def _folder_layout(root: str) -> tuple[set[str], bool]:
+  """The sub-folders of `data.path`, and whether it holds train/ and test/."""
   if not os.path.isdir(root):
     raise UserError(f'config data.path={root} is not a folder; point it at a '
                     'folder with one sub-folder of images per class, or at '
                     'one with train/ and test/ sub-folders')
   subdirs = set(_class_folders(root, 'config data.path'))
-  if {'train', 'test'} <= subdirs:
+  return subdirs, {'train', 'test'} <= subdirs
+
+
+def _load_folder(data_config) -> Dataset:
+  root = data_config.path
+  subdirs, presplit = _folder_layout(root)
+  if presplit:
     train_dir = os.path.join(root, 'train')
     class_names = _class_folders(train_dir, 'train folder')
     splits = {}
@@ -388,12 +394,10 @@ def eval_batches(split: Split, global_batch_size: int,
 def num_classes(data_config) -> int:
   """The number of classes, without decoding any image (for `--summary`)."""
   if data_config.path:
-    root = data_config.path
-    if not os.path.isdir(root):
-      raise UserError(f'config data.path={root} is not a folder')
-    subdirs = _class_folders(root, 'config data.path')
-    if {'train', 'test'} <= set(subdirs):
-      return len(_class_folders(os.path.join(root, 'train'), 'train folder'))
+    subdirs, presplit = _folder_layout(data_config.path)
+    if presplit:
+      return len(_class_folders(os.path.join(data_config.path, 'train'),
+                                'train folder'))
     return len(subdirs)
   if data_config.tfds_name:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

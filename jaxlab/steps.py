@@ -127,9 +127,10 @@ def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
         _variables(_merge(trainable, fixed), state.batch_stats), images,
         train=True, rngs={'dropout': dropout_rng},
         mutable=['batch_stats'])
-    return cross_entropy(logits, labels).mean(), (logits, updates)
+    losses = cross_entropy(logits, labels)
+    return losses.mean(), (losses, logits, updates)
 
-  (_, (logits, updates)), grads = jax.value_and_grad(
+  (_, (losses, logits, updates)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(trainable)
   if jax.lax.psum(1, AXIS) > 1:  # Static; on one device the mean is a copy.
     grads = jax.lax.pmean(grads, AXIS)
@@ -139,8 +140,8 @@ def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
       grads=full_grads,
       batch_stats=updates.get('batch_stats', state.batch_stats))
   step_metrics = TrainMetrics.gather_from_model_output(
-      axis_name=AXIS, loss=cross_entropy(logits, labels), logits=logits,
-      labels=labels, grad_norm=grad_norm)
+      axis_name=AXIS, loss=losses, logits=logits, labels=labels,
+      grad_norm=grad_norm)
   return new_state, step_metrics
 
 

@@ -79,10 +79,6 @@ def _check_config(config) -> None:
   optimizers.check_name(config.optimizer.name)
 
 
-def _unreplicate(tree):
-  return jax.tree.map(lambda x: x[0], tree)
-
-
 def evaluate(p_eval, state, split: input_pipeline.Split, batch_size: int,
              sharding: input_pipeline.Sharding) -> dict:
   """Loss, accuracy and example count over every example of `split`, once."""
@@ -90,7 +86,7 @@ def evaluate(p_eval, state, split: input_pipeline.Split, batch_size: int,
   for batch in input_pipeline.eval_batches(split, batch_size, sharding):
     m = p_eval(state, batch)
     total = m if total is None else total.merge(m)
-  total = _unreplicate(total)
+  total = jax_utils.unreplicate(total)
   out = {k: float(v) for k, v in total.compute().items()}
   out['count'] = int(round(float(total.loss.count)))
   return out
@@ -249,7 +245,7 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
       # the epoch, and resuming trims the history back to the checkpoint.
       if jax.process_index() == 0:
         records.append_history(workdir, entry)
-      checkpoints.save(epoch, _unreplicate(state),
+      checkpoints.save(epoch, jax_utils.unreplicate(state),
                        force=epoch == config.num_epochs)
 
     test = evaluate(p_eval, state, dataset.test, config.eval_batch_size,
