@@ -1,5 +1,5 @@
-"""launch.py end to end: every config for one short epoch, --summary, and
-one-line errors for user mistakes."""
+"""launch.py end to end: one config per family for one short epoch, every
+config through --summary, and one-line errors for user mistakes."""
 
 import glob
 import os
@@ -71,7 +71,18 @@ def test_every_experiment_has_a_config():
           'vgg_freeze_all', 'vgg_freeze_classifier', 'vgg_finetune'} <= names
 
 
-@pytest.mark.parametrize('config', CONFIGS)
+# One config per family, the one that exercises the most of it: the variants
+# differ from these in values only, and every config builds in test_summary.
+FAMILY_CONFIGS = ('configs/default.py', 'configs/fc_sigmoid.py',
+                  'configs/cnn_rmsprop.py', 'configs/scratch_dropout.py',
+                  'configs/vgg_freeze_first15.py')
+
+
+def test_every_family_runs_end_to_end():
+  assert set(FAMILY_CONFIGS) <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('config', FAMILY_CONFIGS)
 def test_one_short_epoch(config, data_folders, small_vgg16_weights, tmp_path):
   workdir = str(tmp_path / 'run')
   args, num_test = _family_args(config, data_folders, small_vgg16_weights)
