@@ -2,4 +2,4 @@
 
 from jaxlab import runtime as _runtime
 
-_runtime.apply_xla_defaults()
+_runtime.apply_defaults()

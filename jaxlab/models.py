@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,24 @@ def _activation(name: str) -> Callable:
   return ACTIVATIONS[name]
 
 
+class Conv(nn.Module):
+  """`nn.Conv` (same parameters, names, initialisers and results) whose bias
+  gradient runs faster on CPU (see `ops.bias_add`)."""
+  features: int
+  kernel_size: Sequence[int]
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1,) * len(self.kernel_size),
+        padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return ops.bias_add(y, bias)
+
+
 def _flatten(x):
   return x.reshape((x.shape[0], -1))
 
@@ -34,7 +53,7 @@ def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int):
   """Valid 3x3 convolutions `conv1`, `conv2`, ... with ReLU, and a 2x2
   max-pool after every `convs_per_pool` of them (inside a compact method)."""
   for i, features in enumerate(channels):
-    x = nn.relu(nn.Conv(features, (3, 3), padding='VALID',
+    x = nn.relu(Conv(features, (3, 3), padding='VALID',
                         name=f'conv{i + 1}')(x))
     if (i + 1) % convs_per_pool == 0:
       x = ops.max_pool(x, 2)
@@ -75,7 +94,7 @@ class CNN1(nn.Module):
       raise UserError(f'config model.channels={tuple(self.channels)} must '
                       'have 4 entries (two convolutions per block, 2 blocks)')
     for i, features in enumerate(self.channels):
-      x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
+      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)),
                   name=f'conv{i + 1}')(x)
       if self.batch_norm:
         # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
@@ -174,7 +193,7 @@ class VGG16(nn.Module):
     index = 0  # torchvision's index in `features`: conv, ReLU, ..., pool.
     for width, depth in zip(self.widths, self.BLOCK_DEPTHS):
       for _ in range(depth):
-        x = nn.relu(nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)),
+        x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)),
                             name=f'features.{index}')(x))
         index += 2
       x = ops.max_pool(x, 2)

@@ -52,3 +52,33 @@ def _max_pool_bwd(k, saved, g):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _sum_to_channels(g):
+  """g [..., C] summed over all leading axes, in two stages.
+
+  XLA:CPU reduces [N, C] with a small C over N column by column, several
+  times slower than reducing rows of the wide [N / W, W * C] view first
+  (bias gradient of cnn2's conv2: 64 ms against 14 ms).
+  """
+  channels = g.shape[-1]
+  width = g.shape[-2] if g.ndim > 2 else 1
+  rows = g.reshape(-1, width * channels).sum(axis=0)
+  return rows.reshape(width, channels).sum(axis=0)
+
+
+@jax.custom_vjp
+def bias_add(x, bias):
+  """x + bias over the last axis, with a fast bias gradient on CPU."""
+  return x + bias
+
+
+def _bias_add_fwd(x, bias):
+  return x + bias, None
+
+
+def _bias_add_bwd(_, g):
+  return g, _sum_to_channels(g)
+
+
+bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)

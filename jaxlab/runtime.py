@@ -1,10 +1,13 @@
-"""Process-wide JAX settings that every entry point applies first.
+"""Process-wide settings that every entry point applies first.
 
-`apply_xla_defaults` runs when `jaxlab` is imported: XLA reads XLA_FLAGS
-once, when its first backend starts, so the defaults reach every program
-that imports jaxlab before it computes anything with JAX.
+`apply_defaults` runs when `jaxlab` is imported: XLA reads XLA_FLAGS once,
+when its first backend starts, and glibc gives each thread its malloc arena
+when the thread first allocates, so the defaults reach every program that
+imports jaxlab before it computes anything with JAX.
 """
 
+import ctypes
+import ctypes.util
 import os
 
 # XLA flags that make training faster on CPU, measured with
@@ -14,6 +17,49 @@ XLA_DEFAULTS = {
     # times slower than its other path (cnn2's train step: about 5x).
     'xla_cpu_experimental_ynn_fusion_type': '',
 }
+
+
+# glibc malloc settings (mallopt parameter: value) for large, short-lived
+# buffers. XLA:CPU allocates every step's temporaries and outputs with malloc
+# from its worker threads; glibc serves those from per-thread arenas, whose
+# large blocks are fresh mmaps, returned to the OS on free. Every step then
+# page-faults its whole working set back in: 0.1 s per 256 MiB here, a
+# quarter of fc's step. One arena, no mmap and no trimming keep freed memory
+# for the next step. Cost: the process keeps its peak heap (fc: 1.9 ->
+# 3.4 GiB resident). The environment's MALLOC_* variables win.
+MALLOC_DEFAULTS = {
+    # name: (mallopt parameter, environment variable, value)
+    'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),
+    'mmap_max': (-4, 'MALLOC_MMAP_MAX_', 0),
+    'trim_threshold': (-1, 'MALLOC_TRIM_THRESHOLD_', 2**31 - 1),
+}
+
+
+def apply_malloc_defaults() -> dict:
+  """Applies MALLOC_DEFAULTS with mallopt (glibc only; elsewhere a no-op).
+
+  Returns the settings applied, by name.
+  """
+  path = ctypes.util.find_library('c')
+  try:
+    libc = ctypes.CDLL(path)
+    libc.gnu_get_libc_version  # pylint: disable=pointless-statement
+    mallopt = libc.mallopt
+  except (OSError, AttributeError, TypeError):
+    return {}  # Not glibc (musl, macOS): nothing to tune.
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  applied = {}
+  for name, (param, env, value) in MALLOC_DEFAULTS.items():
+    if env not in os.environ:
+      if mallopt(param, value) == 1:
+        applied[name] = value
+  return applied
+
+
+def apply_defaults() -> None:
+  """XLA flags and malloc settings; see XLA_DEFAULTS and MALLOC_DEFAULTS."""
+  apply_xla_defaults()
+  apply_malloc_defaults()
 
 
 def apply_xla_defaults() -> None:

@@ -1,5 +1,5 @@
-"""The fast max-pool gives flax's max-pool outputs and gradients exactly;
-XLA defaults."""
+"""The fast layers give the plain layers' outputs and gradients; the
+process-wide defaults (XLA flags, malloc) are applied and yield to the user."""
 
 import os
 
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab import models
 from jaxlab import ops
+from jaxlab import steps
 
 
 def _outputs_and_grads(pool, x, cotangent):
@@ -33,6 +35,52 @@ def test_max_pool_matches_flax(shape, k, ties):
       jax.jit(lambda v: nn.max_pool(v, (k, k), strides=(k, k))), x, cotangent)
   np.testing.assert_array_equal(ours[0], plain[0])
   np.testing.assert_array_equal(ours[1], plain[1])
+
+
+@pytest.mark.parametrize('shape', [(5, 3), (2, 6, 7, 4)])
+def test_bias_add_matches_plain_addition(shape):
+  rng = np.random.default_rng(1)
+  x, bias, cotangent = (rng.normal(size=s).astype(np.float32)
+                        for s in (shape, shape[-1:], shape))
+  ours = jax.vjp(ops.bias_add, x, bias)
+  plain = jax.vjp(lambda a, b: a + b, x, bias)
+  np.testing.assert_array_equal(ours[0], plain[0])
+  for mine, theirs in zip(ours[1](cotangent), plain[1](cotangent)):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('padding', ['VALID', ((1, 1), (1, 1))])
+def test_conv_matches_flax_conv(padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
+  ours = models.Conv(5, (3, 3), padding=padding)
+  plain = nn.Conv(5, (3, 3), padding=padding)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params,
+               plain.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+  loss = lambda module: lambda p, v: jnp.sum(jnp.sin(module.apply(p, v)))
+  mine = jax.value_and_grad(loss(ours), argnums=(0, 1))(params, x)
+  theirs = jax.value_and_grad(loss(plain), argnums=(0, 1))(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5),
+               mine, theirs)
+
+
+def test_global_norm_matches_optax():
+  import optax
+  tree = {'a': jnp.arange(12.0).reshape(3, 4), 'b': {'c': -jnp.ones(5)}}
+  np.testing.assert_allclose(steps.global_norm(tree), optax.tree.norm(tree),
+                             rtol=1e-6)
+
+
+def test_malloc_defaults_yield_to_the_environment(monkeypatch):
+  from jaxlab import runtime
+  monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
+  applied = runtime.apply_malloc_defaults()
+  if applied:  # glibc
+    assert applied == {'mmap_max': 0, 'trim_threshold': 2**31 - 1}
+  monkeypatch.delenv('MALLOC_ARENA_MAX')
+  assert 'arena_max' in runtime.apply_malloc_defaults() or not applied
 
 
 def test_xla_defaults_are_applied_on_import_and_yield_to_the_user(monkeypatch):
