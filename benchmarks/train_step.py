@@ -2,22 +2,26 @@
 
   python benchmarks/train_step.py                      # every model
   python benchmarks/train_step.py --models cnn2,fc --repeats 7
+  python benchmarks/train_step.py --torch-compile      # PyTorch compiled too
   python benchmarks/train_step.py --pipeline           # the input pipeline too
+  python benchmarks/train_step.py --jax-only --half-precision \
+      --models vgg16 --batch 256                       # a GPU
 
 For each model, one worker process runs jaxlab's own train step (the
-pmapped `jaxlab.steps.train_step` that launch.py uses) and another the same
-model and step in PyTorch (eager, all cores, glibc malloc tuned to keep
-large buffers; add --torch-compile for torch.compile). The parent gives
-them turns, alternately, so that the machine's noise hits both alike: each
-turn runs --steps-per-turn steps (default 2) and times the last, since the
-first step after the other framework's turn runs slower. Medians after
-warm-up. Batches are synthetic uint8
-images, as the input pipeline delivers them. The table:
+pmapped `jaxlab.steps.train_step` that launch.py uses) and others the same
+model and step in PyTorch: eager (all cores, glibc malloc tuned to keep
+large buffers) and, with --torch-compile, under torch.compile. The parent
+gives them turns, in rotation, so that the machine's noise hits all alike:
+each turn runs --steps-per-turn steps (default 2) and times the last, since
+the first step after another worker's turn runs slower. Medians after
+warm-up. Batches are synthetic uint8 images, as the input pipeline
+delivers them; nothing here imports TensorFlow but --pipeline. The table:
 
-  model, batch, jaxlab img/s, PyTorch img/s, ratio (jaxlab / PyTorch),
-  GFLOP/s (jaxlab, FLOPs of the compiled step from XLA's cost analysis),
-  % of peak (the machine's float32 matmul peak, measured here),
-  compile s (jaxlab, ahead of time), peak MiB (each worker's max RSS).
+  model, batch, jaxlab img/s, PyTorch img/s (eager / compiled), ratio
+  (jaxlab / the faster PyTorch), GFLOP/s (jaxlab, FLOPs of the compiled step
+  from XLA's cost analysis), % of peak (the matmul peak measured here, in
+  float32, or bfloat16 with --half-precision), compile s (jaxlab, ahead of
+  time), peak MiB (each worker's max RSS growth; host memory only).
 """
 
 import argparse
@@ -60,17 +64,18 @@ def _batch(batch, size, channels):
           rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32))
 
 
-def jax_worker(name: str):
-  """Builds jaxlab's step; yields a function running one step."""
+def jax_worker(name: str, batch: int, half_precision: bool = False):
+  """Builds jaxlab's step; returns a function running one step, and facts."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
   import jaxlab  # pylint: disable=g-import-not-at-top,unused-import
   from jaxlab import models, steps  # pylint: disable=g-import-not-at-top
   from jaxlab.preprocessing import Preprocess  # pylint: disable=g-import-not-at-top
-  model_cfg, batch, size, channels, frozen = MODELS[name]
-  model = models.create_model(ml_collections.ConfigDict(model_cfg),
-                              NUM_CLASSES, axis_name=steps.AXIS)
+  model_cfg, _, size, channels, frozen = MODELS[name]
+  model = models.create_model(
+      ml_collections.ConfigDict(model_cfg), NUM_CLASSES, axis_name=steps.AXIS,
+      dtype=jax.numpy.bfloat16 if half_precision else jax.numpy.float32)
   optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.001, momentum=0.9, grad_clip_norm=0.0,
       frozen=frozen))
@@ -79,6 +84,9 @@ def jax_worker(name: str):
   state = jax_utils.replicate(state)
   p_train, _ = steps.pmapped_steps(Preprocess())
   n_dev = jax.local_device_count()
+  if batch % n_dev:
+    raise SystemExit(f'error: batch {batch} does not split over {n_dev} '
+                     'devices; pass --batch with a multiple of it')
   images, labels = _batch(batch, size, channels)
   device_batch = jax.device_put(
       {'image': images.reshape((n_dev, -1) + images.shape[1:]),
@@ -95,17 +103,18 @@ def jax_worker(name: str):
     holder['state'], metrics = compiled(holder['state'], device_batch)
     jax.block_until_ready(metrics)
 
-  return step, {'compile_s': compile_s, 'flops': flops, 'batch': batch}
+  return step, {'compile_s': compile_s, 'flops': flops, 'batch': batch,
+                'device': jax.devices()[0].device_kind}
 
 
-def torch_worker(name: str, use_compile: bool):
-  """The same model and SGD step in PyTorch; yields a one-step function."""
+def torch_worker(name: str, batch: int, use_compile: bool):
+  """The same model and SGD step in PyTorch; returns a one-step function."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
-  model_cfg, batch, size, channels, frozen = MODELS[name]
+  model_cfg, _, size, channels, frozen = MODELS[name]
   kind = model_cfg['name']
   if kind == 'fc':
     model = torch_models.fc(NUM_CLASSES, size * size * channels)
@@ -135,13 +144,13 @@ def torch_worker(name: str, use_compile: bool):
                 else 0.0, 'batch': batch}
 
 
-def serve(framework: str, name: str, use_compile: bool) -> None:
+def serve(framework: str, name: str, batch: int, half_precision: bool) -> None:
   """Worker loop: set up, report, then run one timed step per request."""
   rss_before = _max_rss_mib()
   if framework == 'jax':
-    step, info = jax_worker(name)
+    step, info = jax_worker(name, batch, half_precision)
   else:
-    step, info = torch_worker(name, use_compile)
+    step, info = torch_worker(name, batch, framework == 'torch_compile')
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
     if line.strip() == 'quit':
@@ -160,9 +169,10 @@ def serve(framework: str, name: str, use_compile: bool) -> None:
 
 class Worker:
 
-  def __init__(self, framework, name, use_compile, env):
+  def __init__(self, framework, name, args, env):
     cmd = [sys.executable, os.path.abspath(__file__), '--worker', framework,
-           '--models', name] + (['--torch-compile'] if use_compile else [])
+           '--models', name, '--batch', str(_batch_size(name, args))]
+    cmd += ['--half-precision'] if args.half_precision else []
     self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env,
                                  cwd=ROOT)
@@ -185,47 +195,63 @@ class Worker:
     self.proc.wait()
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-  """The best float32 matmul rate of JAX and PyTorch here, in GFLOP/s."""
+def _batch_size(name, args) -> int:
+  return args.batch or MODELS[name][1]
+
+
+def matmul_peak_gflops(dtype: str = 'float32', with_torch: bool = True,
+                       n: int = 2048, repeats: int = 5) -> float:
+  """The best matmul rate of JAX (and PyTorch) here, in GFLOP/s."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  a = jnp.ones((n, n), jnp.float32)
+  if jax.default_backend() != 'cpu':
+    n = 8192  # Enough work to fill an accelerator.
+  a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
-  t = torch.ones(n, n)
+  candidates = [lambda: matmul(a).block_until_ready()]
+  if with_torch:
+    import torch  # pylint: disable=g-import-not-at-top
+    t = torch.ones(n, n)
+    candidates.append(lambda: t @ t)
   rates = []
   for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    rates.append(2 * n ** 3 / (time.perf_counter() - start))
-    start = time.perf_counter()
-    t @ t
-    rates.append(2 * n ** 3 / (time.perf_counter() - start))
+    for run in candidates:
+      start = time.perf_counter()
+      run()
+      rates.append(2 * n ** 3 / (time.perf_counter() - start))
   return max(rates) / 1e9
 
 
-def benchmark_model(name, repeats, warmup, use_compile, steps_per_turn):
+def benchmark_model(name, args):
+  """Interleaved turns of jaxlab and each PyTorch variant; medians."""
   env = dict(os.environ)
-  jax_side = Worker('jax', name, False, env)
-  torch_side = Worker('torch', name, use_compile, {**env, **TORCH_MALLOC})
-  times = {'jax': [], 'torch': []}
-  peaks = {'jax': 0.0, 'torch': 0.0}
-  for i in range(warmup + repeats):
-    for key, worker in (('jax', jax_side), ('torch', torch_side)):
-      out = worker.step(steps_per_turn)
-      peaks[key] = max(peaks[key], out['peak_mib'])
-      if i >= warmup:
-        times[key].append(out['seconds'])
-  jax_side.close()
-  torch_side.close()
-  batch = jax_side.info['batch']
-  jax_s, torch_s = np.median(times['jax']), np.median(times['torch'])
-  return {'model': name, 'batch': batch, 'jax_img_s': batch / jax_s,
-          'torch_img_s': batch / torch_s, 'ratio': torch_s / jax_s,
-          'gflop_s': jax_side.info['flops'] / jax_s / 1e9,
-          'compile_s': jax_side.info['compile_s'],
-          'jax_peak_mib': peaks['jax'], 'torch_peak_mib': peaks['torch']}
+  frameworks = ['jax']
+  if not args.jax_only:
+    frameworks += ['torch'] + (['torch_compile'] if args.torch_compile else [])
+  workers = {f: Worker(f, name, args,
+                       env if f == 'jax' else {**env, **TORCH_MALLOC})
+             for f in frameworks}
+  times = {f: [] for f in frameworks}
+  peaks = {f: 0.0 for f in frameworks}
+  for i in range(args.warmup + args.repeats):
+    for framework, worker in workers.items():
+      out = worker.step(args.steps_per_turn)
+      peaks[framework] = max(peaks[framework], out['peak_mib'])
+      if i >= args.warmup:
+        times[framework].append(out['seconds'])
+  for worker in workers.values():
+    worker.close()
+  info = workers['jax'].info
+  batch = info['batch']
+  seconds = {f: float(np.median(t)) for f, t in times.items()}
+  torch_s = min((seconds[f] for f in frameworks[1:]), default=float('nan'))
+  return {'model': name, 'batch': batch, 'jax_img_s': batch / seconds['jax'],
+          'torch_img_s': {f: batch / seconds[f] for f in frameworks[1:]},
+          'ratio': torch_s / seconds['jax'],
+          'gflop_s': info['flops'] / seconds['jax'] / 1e9,
+          'compile_s': info['compile_s'], 'device': info['device'],
+          'peak_mib': peaks}
 
 
 def input_pipeline_rate(num_images: int = 1024) -> dict:
@@ -261,30 +287,46 @@ def main():
   parser.add_argument('--models', default=','.join(MODELS))
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--torch-compile', action='store_true')
+  parser.add_argument('--torch-compile', action='store_true',
+                      help='also time PyTorch under torch.compile; the ratio '
+                      'is against the faster of eager and compiled')
+  parser.add_argument('--jax-only', action='store_true',
+                      help='no PyTorch (e.g. on a GPU)')
+  parser.add_argument('--half-precision', action='store_true',
+                      help="jaxlab's half_precision: bfloat16 computation; "
+                      'the peak is then the bfloat16 matmul peak')
+  parser.add_argument('--batch', type=int, default=0,
+                      help="global batch (default: each model's own)")
   parser.add_argument('--steps-per-turn', type=int, default=2,
                       help='steps each framework runs per turn; the last is '
                       'timed')
   parser.add_argument('--pipeline', action='store_true')
-  parser.add_argument('--worker', choices=('jax', 'torch'))
+  parser.add_argument('--worker', choices=('jax', 'torch', 'torch_compile'))
   args = parser.parse_args()
   if args.worker:
-    serve(args.worker, args.models, args.torch_compile)
+    serve(args.worker, args.models, args.batch, args.half_precision)
     return
-  peak = matmul_peak_gflops()
-  print(f'float32 matmul peak (best of JAX and PyTorch): {peak:.1f} GFLOP/s')
+  dtype = 'bfloat16' if args.half_precision else 'float32'
+  peak = matmul_peak_gflops(dtype, with_torch=not args.jax_only and
+                            not args.half_precision)
+  print(f'{dtype} matmul peak (measured): {peak:.1f} GFLOP/s')
   header = ('model', 'batch', 'jaxlab img/s', 'PyTorch img/s', 'ratio',
-            'GFLOP/s', '% of peak', 'compile s', 'peak MiB jax/torch')
+            'GFLOP/s', '% of peak', 'compile s', 'peak MiB')
   print(' | '.join(header))
   rows = []
   for name in args.models.split(','):
-    r = benchmark_model(name, args.repeats, args.warmup, args.torch_compile,
-                        args.steps_per_turn)
+    r = benchmark_model(name, args)
     rows.append(r)
+    torch_rates = ' / '.join(f'{v:.2f}' for v in r['torch_img_s'].values())
+    peaks = '/'.join(f'{v:.0f}' for v in r['peak_mib'].values())
     print(f'{r["model"]} | {r["batch"]} | {r["jax_img_s"]:.2f} | '
-          f'{r["torch_img_s"]:.2f} | {r["ratio"]:.2f} | {r["gflop_s"]:.1f} | '
-          f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | '
-          f'{r["jax_peak_mib"]:.0f}/{r["torch_peak_mib"]:.0f}', flush=True)
+          f'{torch_rates or "-"} | {r["ratio"]:.2f} | {r["gflop_s"]:.1f} | '
+          f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | {peaks}',
+          flush=True)
+  print(f'device: {rows[0]["device"] if rows else "-"}; PyTorch img/s: eager'
+        + (' / torch.compile' if args.torch_compile else '') +
+        '; peak MiB: jax' + ('' if args.jax_only else '/torch eager') +
+        ('/torch.compile' if args.torch_compile else ''))
   if args.pipeline:
     rates = input_pipeline_rate()
     print(f'input pipeline: {rates["decode_resize_img_s"]:.0f} img/s decoded '

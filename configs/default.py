@@ -46,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   config.num_epochs = 10
   config.seed = 0
+  # bfloat16 computation, float32 parameters, optimizer and BatchNorm
+  # statistics. For GPUs and TPUs; CPUs without bfloat16 units run slower.
+  config.half_precision = False
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'sgd'

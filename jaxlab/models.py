@@ -7,7 +7,7 @@ runs under `jax.pmap`) and updates the running ones.
 """
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,10 +29,12 @@ def _activation(name: str) -> Callable:
 
 class Conv(nn.Module):
   """`nn.Conv` (same parameters, names, initialisers and results) whose bias
-  gradient runs faster on CPU (see `ops.bias_add`)."""
+  gradient runs faster on CPU (see `ops.bias_add`). Parameters are float32;
+  `dtype` is the dtype of the computation."""
   features: int
   kernel_size: Sequence[int]
   padding: str | Sequence[tuple[int, int]] = 'SAME'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -40,21 +42,23 @@ class Conv(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1,) * len(self.kernel_size),
-        padding=self.padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return ops.bias_add(y, bias)
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(1,) * len(self.kernel_size), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return ops.bias_add(y, bias.astype(self.dtype))
 
 
 def _flatten(x):
   return x.reshape((x.shape[0], -1))
 
 
-def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int):
+def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int,
+                       dtype):
   """Valid 3x3 convolutions `conv1`, `conv2`, ... with ReLU, and a 2x2
   max-pool after every `convs_per_pool` of them (inside a compact method)."""
   for i, features in enumerate(channels):
-    x = nn.relu(Conv(features, (3, 3), padding='VALID',
-                        name=f'conv{i + 1}')(x))
+    x = nn.relu(Conv(features, (3, 3), padding='VALID', dtype=dtype,
+                     name=f'conv{i + 1}')(x))
     if (i + 1) % convs_per_pool == 0:
       x = ops.max_pool(x, 2)
   return x
@@ -65,14 +69,15 @@ class FC(nn.Module):
   num_classes: int
   hidden: Sequence[int] = (512, 256)
   activation: str = 'relu'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     act = _activation(self.activation)
     x = _flatten(x)
     for i, width in enumerate(self.hidden):
-      x = act(nn.Dense(width, name=f'dense{i + 1}')(x))
-    return nn.Dense(self.num_classes, name='head')(x)
+      x = act(nn.Dense(width, dtype=self.dtype, name=f'dense{i + 1}')(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN1(nn.Module):
@@ -87,6 +92,7 @@ class CNN1(nn.Module):
   hidden: int = 256
   batch_norm: bool = False
   axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -94,18 +100,19 @@ class CNN1(nn.Module):
       raise UserError(f'config model.channels={tuple(self.channels)} must '
                       'have 4 entries (two convolutions per block, 2 blocks)')
     for i, features in enumerate(self.channels):
-      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)),
-                  name=f'conv{i + 1}')(x)
+      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+               name=f'conv{i + 1}')(x)
       if self.batch_norm:
         # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                          epsilon=1e-5, axis_name=self.axis_name,
-                         name=f'bn{i + 1}')(x)
+                         dtype=self.dtype, name=f'bn{i + 1}')(x)
       x = nn.relu(x)
       if i % 2 == 1:
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = nn.relu(nn.Dense(self.hidden, name='dense1')(_flatten(x)))
-    return nn.Dense(self.num_classes, name='head')(x)
+        x = ops.max_pool_overlapping(x, 3, stride=2, padding=1)
+    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype,
+                         name='dense1')(_flatten(x)))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN2(nn.Module):
@@ -117,12 +124,14 @@ class CNN2(nn.Module):
   num_classes: int
   channels: Sequence[int] = (32, 32, 64, 64)
   hidden: int = 256
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _valid_conv_blocks(x, self.channels, convs_per_pool=2)
-    x = nn.Dense(self.hidden, name='dense1')(_flatten(x))
-    return nn.Dense(self.num_classes, name='head')(x)
+    x = _valid_conv_blocks(x, self.channels, convs_per_pool=2,
+                           dtype=self.dtype)
+    x = nn.Dense(self.hidden, dtype=self.dtype, name='dense1')(_flatten(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class ScratchCNN(nn.Module):
@@ -136,13 +145,16 @@ class ScratchCNN(nn.Module):
   num_classes: int
   channels: Sequence[int] = (16, 16)
   dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = _valid_conv_blocks(x, self.channels, convs_per_pool=1)
+    x = _valid_conv_blocks(x, self.channels, convs_per_pool=1,
+                           dtype=self.dtype)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='head')(_flatten(x))
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    name='head')(_flatten(x))
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -166,7 +178,8 @@ def adaptive_avg_pool(x, output_size: tuple[int, int]):
     return x
   rows = _adaptive_pool_matrix(h, output_size[0])
   cols = _adaptive_pool_matrix(w, output_size[1])
-  return jnp.einsum('ih,jw,bhwc->bijc', rows, cols, x)
+  return jnp.einsum('ih,jw,bhwc->bijc', rows.astype(x.dtype),
+                    cols.astype(x.dtype), x)
 
 
 class VGG16(nn.Module):
@@ -182,6 +195,7 @@ class VGG16(nn.Module):
   widths: Sequence[int] = (64, 128, 256, 512, 512)
   classifier_width: int = 4096
   dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
 
   BLOCK_DEPTHS = (2, 2, 3, 3, 3)
 
@@ -194,16 +208,18 @@ class VGG16(nn.Module):
     for width, depth in zip(self.widths, self.BLOCK_DEPTHS):
       for _ in range(depth):
         x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)),
-                            name=f'features.{index}')(x))
+                         dtype=self.dtype, name=f'features.{index}')(x))
         index += 2
       x = ops.max_pool(x, 2)
       index += 1
     x = _flatten(adaptive_avg_pool(x, (7, 7)))
     for index in (0, 3):
-      x = nn.relu(nn.Dense(self.classifier_width, name=f'classifier.{index}')(x))
+      x = nn.relu(nn.Dense(self.classifier_width, dtype=self.dtype,
+                           name=f'classifier.{index}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train,
                      name=f'classifier.{index + 2}')(x)
-    return nn.Dense(self.num_classes, name='classifier.6')(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype,
+                    name='classifier.6')(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +242,8 @@ _NON_MODEL_KEYS = ('name', 'pretrained', 'download_pretrained')
 
 
 def create_model(model_config, num_classes: int,
-                 axis_name: str | None = None) -> nn.Module:
+                 axis_name: str | None = None,
+                 dtype: Any = jnp.float32) -> nn.Module:
   """Builds the model named by `model_config.name` with its other fields.
 
   Args:
@@ -235,6 +252,8 @@ def create_model(model_config, num_classes: int,
       a constructor argument.
     num_classes: size of the output layer.
     axis_name: the `jax.pmap` axis over which BatchNorm averages statistics.
+    dtype: the dtype of the computation (bfloat16 for `half_precision`);
+      parameters and BatchNorm statistics stay float32.
   """
   name = model_config.name
   if name not in MODELS:
@@ -242,7 +261,7 @@ def create_model(model_config, num_classes: int,
                     f'of {sorted(MODELS)}')
   spec = MODELS[name]
   fields = {f.name for f in dataclasses.fields(spec.cls)} - {'parent', 'name'}
-  kwargs = dict(spec.defaults, num_classes=num_classes)
+  kwargs = dict(spec.defaults, num_classes=num_classes, dtype=dtype)
   for key, value in model_config.items():
     if key in _NON_MODEL_KEYS:
       continue

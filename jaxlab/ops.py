@@ -1,10 +1,15 @@
 """Layers whose default XLA lowering is slow on CPU, written to be fast.
 
 `max_pool` (non-overlapping k x k windows, as in cnn2, scratch_cnn and
-VGG16): flax's `nn.max_pool` differentiates through XLA's
+VGG16) and `max_pool_overlapping` (strided, padded windows, as in cnn1 and
+cnn_bn): flax's `nn.max_pool` differentiates through XLA's
 `select_and_scatter`, which is slow on CPU. Here the gradient is a mask
-computed elementwise over the windows (fusable), with the same semantics: each window's gradient goes to its first maximum in row-major
-order, as select_and_scatter (and PyTorch) route it.
+computed elementwise over the windows (fusable), with the same semantics:
+each window's gradient goes to its first maximum in row-major order, as
+select_and_scatter (and PyTorch) route it.
+
+`bias_add`: a bias whose gradient reduces in two stages (see
+`_sum_to_channels`).
 """
 
 import functools
@@ -52,6 +57,64 @@ def _max_pool_bwd(k, saved, g):
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def _strided_windows(x, k: int, stride: int, padding: int):
+  """The k * k strided views [B, Ho, Wo, C] of x padded with -inf: view
+  (i, j) holds each window's element at row i, column j (row-major)."""
+  b, height, width, c = x.shape
+  ho = (height + 2 * padding - k) // stride + 1
+  wo = (width + 2 * padding - k) // stride + 1
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  xp = jnp.pad(x, pad, constant_values=-jnp.inf)
+  views = []
+  for i in range(k):
+    for j in range(k):
+      views.append(jax.lax.slice(
+          xp, (0, i, j, 0),
+          (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+          (1, stride, stride, 1)))
+  return views, xp.shape
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool_overlapping(x, k: int = 3, stride: int = 2, padding: int = 1):
+  """Max over k x k windows with `stride` and `padding` (-inf) of NHWC `x`,
+  as `nn.max_pool(x, (k, k), (stride, stride), ((padding,) * 2,) * 2)`
+  (cnn1 and cnn_bn: 3, 2, 1), with the same gradient (each window's to its
+  first maximum in row-major order), computed elementwise."""
+  views, _ = _strided_windows(x, k, stride, padding)
+  return functools.reduce(jnp.maximum, views)
+
+
+def _overlapping_fwd(x, k, stride, padding):
+  out = max_pool_overlapping(x, k, stride, padding)
+  return out, (x, out)
+
+
+def _overlapping_bwd(k, stride, padding, saved, g):
+  x, out = saved
+  views, padded_shape = _strided_windows(x, k, stride, padding)
+  taken = jnp.zeros(out.shape, bool)
+  dx = jnp.zeros(padded_shape, g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  for index, view in enumerate(views):
+    i, j = divmod(index, k)
+    first = (view == out) & ~taken
+    taken = taken | first
+    # Back to the view's positions in the padded input: stride - 1 zeros
+    # between elements (interior padding), offset (i, j).
+    rows = (i, padded_shape[1] - i - stride * (out.shape[1] - 1) - 1,
+            stride - 1)
+    cols = (j, padded_shape[2] - j - stride * (out.shape[2] - 1) - 1,
+            stride - 1)
+    dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero,
+                          ((0, 0, 0), rows, cols, (0, 0, 0)))
+  height, width = x.shape[1:3]
+  return (dx[:, padding:padding + height, padding:padding + width],)
+
+
+max_pool_overlapping.defvjp(_overlapping_fwd, _overlapping_bwd)
 
 
 def _sum_to_channels(g):

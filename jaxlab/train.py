@@ -14,6 +14,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -193,8 +194,9 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
     raise UserError(f'config batch_size={config.batch_size} is larger than the '
                     f'{len(dataset.train)} training examples')
   image_shape = dataset.train.images.shape[1:]
-  model = models.create_model(config.model, dataset.num_classes,
-                              axis_name=steps.AXIS)
+  model = models.create_model(
+      config.model, dataset.num_classes, axis_name=steps.AXIS,
+      dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
   summary = summary_lib.summarize(model, image_shape, config.batch_size,
                                   config.optimizer.frozen)
   load_params = None

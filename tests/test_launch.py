@@ -51,6 +51,8 @@ def _family_args(config, data_folders, small_vgg16_weights):
   if name.startswith(('scratch', 'vgg')):
     args = (f'--config.data.path={data_folders["presplit_rgb"]}',
             '--config.batch_size=2', '--config.eval_batch_size=4')
+    if name.startswith('scratch'):
+      args += ('--config.half_precision=True',)  # bfloat16 end to end.
     if name.startswith('vgg'):
       # Report B's second setting, which the VGG runs were compared at.
       args += SMALL_VGG16 + (

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import cnn2 as cnn2_config
@@ -99,3 +100,39 @@ def test_summary_counts_frozen_as_non_trainable():
   s = summary.summarize_config(config)
   assert s.non_trainable_params == 1_184 + 9_248 + 18_496 + 36_928
   assert s.trainable_params == 28_970_058 - s.non_trainable_params
+
+
+# One model per kind of layer: Dense; Conv, BatchNorm and the overlapping
+# pool; VGG's max-pool, adaptive pool and dropout.
+@pytest.mark.parametrize('name', ['fc', 'cnn_bn', 'vgg16'])
+def test_half_precision_computes_in_bfloat16_and_keeps_float32_state(name):
+  fields = dict(name=name)
+  if name == 'vgg16':
+    fields.update(widths=(4, 4, 8, 8, 8), classifier_width=16)
+  config = ml_collections.ConfigDict(fields)
+  full = models.create_model(config, num_classes=10)
+  half = models.create_model(config, num_classes=10, dtype=jnp.bfloat16)
+  x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  # LLVM's optimisations make initialisation compile for seconds.
+  variables = jax.jit(full.init, compiler_options={
+      'xla_backend_optimization_level': 0})(jax.random.PRNGKey(0), x)
+
+  @jax.jit
+  def run(variables):
+    def loss(params):
+      logits, updates = half.apply(
+          {**variables, 'params': params}, x, train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(2)})
+      return logits.astype(jnp.float32).sum(), (logits, updates)
+    grads, (logits, updates) = jax.grad(loss, has_aux=True)(
+        variables['params'])
+    evaluate = lambda model: model.apply(variables, x)
+    return grads, logits, updates, evaluate(half), evaluate(full)
+
+  grads, logits, updates, half_logits, full_logits = run(variables)
+  assert logits.dtype == half_logits.dtype == jnp.bfloat16
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(
+      (grads, updates, jax.eval_shape(half.init, jax.random.PRNGKey(0), x))))
+  scale = float(jnp.abs(full_logits).max())
+  np.testing.assert_allclose(half_logits.astype(jnp.float32), full_logits,
+                             atol=0.05 * scale + 1e-3)
