@@ -19,7 +19,7 @@ XLA_DEFAULTS = {
 }
 
 
-# glibc malloc settings (mallopt parameter: value) for large, short-lived
+# glibc malloc settings for large, short-lived
 # buffers. XLA:CPU allocates every step's temporaries and outputs with malloc
 # from its worker threads; glibc serves those from per-thread arenas, whose
 # large blocks are fresh mmaps, returned to the OS on free. Every step then
@@ -31,7 +31,7 @@ MALLOC_DEFAULTS = {
     # name: (mallopt parameter, environment variable, value)
     'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),
     'mmap_max': (-4, 'MALLOC_MMAP_MAX_', 0),
-    'trim_threshold': (-1, 'MALLOC_TRIM_THRESHOLD_', 2**31 - 1),
+    'trim_threshold': (-1, 'MALLOC_TRIM_THRESHOLD_', -1),  # -1: never.
 }
 
 

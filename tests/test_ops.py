@@ -98,7 +98,7 @@ def test_malloc_defaults_yield_to_the_environment(monkeypatch):
   monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
   applied = runtime.apply_malloc_defaults()
   if applied:  # glibc
-    assert applied == {'mmap_max': 0, 'trim_threshold': 2**31 - 1}
+    assert applied == {'mmap_max': 0, 'trim_threshold': -1}
   monkeypatch.delenv('MALLOC_ARENA_MAX')
   assert 'arena_max' in runtime.apply_malloc_defaults() or not applied
 
