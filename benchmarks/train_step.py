@@ -155,9 +155,9 @@ def serve(framework: str, name: str, batch: int, half_precision: bool) -> None:
   for line in sys.stdin:
     if line.strip() == 'quit':
       break
-    # `step N`: N steps, the last one timed. The first step after the other
+    # `step N`: N steps, the last one timed. The first step after another
     # worker's turn runs slower (caches, memory), so N = 2 measures the
-    # steady state while still interleaving the two frameworks.
+    # steady state while still interleaving the workers.
     for _ in range(int(line.split()[1]) - 1):
       step()
     start = time.perf_counter()
