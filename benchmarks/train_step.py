@@ -107,8 +107,14 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
                 'device': jax.devices()[0].device_kind}
 
 
-def torch_worker(name: str, batch: int, use_compile: bool):
-  """The same model and SGD step in PyTorch; returns a one-step function."""
+def torch_worker(name: str, batch: int, use_compile: bool,
+                 half_precision: bool = False):
+  """The same model and SGD step in PyTorch; returns a one-step function.
+
+  With `half_precision`, the forward pass and loss run under
+  `torch.autocast(bfloat16)`, PyTorch's counterpart of jaxlab's
+  half_precision (float32 parameters and optimizer state).
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   from benchmarks import torch_models  # pylint: disable=g-import-not-at-top
@@ -133,7 +139,8 @@ def torch_worker(name: str, batch: int, use_compile: bool):
 
   def train_step():
     optimizer.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(model(images.float() / 255), labels)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=half_precision):
+      loss = nn.functional.cross_entropy(model(images.float() / 255), labels)
     loss.backward()
     optimizer.step()
 
@@ -150,7 +157,8 @@ def serve(framework: str, name: str, batch: int, half_precision: bool) -> None:
   if framework == 'jax':
     step, info = jax_worker(name, batch, half_precision)
   else:
-    step, info = torch_worker(name, batch, framework == 'torch_compile')
+    step, info = torch_worker(name, batch, framework == 'torch_compile',
+                              half_precision)
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
     if line.strip() == 'quit':
@@ -293,8 +301,9 @@ def main():
   parser.add_argument('--jax-only', action='store_true',
                       help='no PyTorch (e.g. on a GPU)')
   parser.add_argument('--half-precision', action='store_true',
-                      help="jaxlab's half_precision: bfloat16 computation; "
-                      'the peak is then the bfloat16 matmul peak')
+                      help="jaxlab's half_precision: bfloat16 computation "
+                      '(PyTorch under torch.autocast); the peak is then the '
+                      'bfloat16 matmul peak')
   parser.add_argument('--batch', type=int, default=0,
                       help="global batch (default: each model's own)")
   parser.add_argument('--steps-per-turn', type=int, default=2,

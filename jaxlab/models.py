@@ -109,7 +109,7 @@ class CNN1(nn.Module):
                          dtype=self.dtype, name=f'bn{i + 1}')(x)
       x = nn.relu(x)
       if i % 2 == 1:
-        x = ops.max_pool_overlapping(x, 3, stride=2, padding=1)
+        x = ops.max_pool(x, 3, stride=2, padding=1)
     x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype,
                          name='dense1')(_flatten(x)))
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

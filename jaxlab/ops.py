@@ -1,9 +1,8 @@
 """Layers whose default XLA lowering is slow on CPU, written to be fast.
 
-`max_pool` (non-overlapping k x k windows, as in cnn2, scratch_cnn and
-VGG16) and `max_pool_overlapping` (strided, padded windows, as in cnn1 and
-cnn_bn): flax's `nn.max_pool` differentiates through XLA's
-`select_and_scatter`, which is slow on CPU. Here the gradient is a mask
+`max_pool` (2 x 2 windows in cnn2, scratch_cnn and VGG16; 3 x 3, stride 2,
+padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
+XLA's `select_and_scatter`, which is slow on CPU. Here the gradient is a mask
 computed elementwise over the windows (fusable), with the same semantics:
 each window's gradient goes to its first maximum in row-major order, as
 select_and_scatter (and PyTorch) route it.
@@ -16,47 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
-
-def _blocks(x, k: int):
-  """x [B, H, W, C] as [B, H/k, k, W/k, k, C] (a free reshape).
-
-  Rows and columns beyond the last whole window are dropped (floor), as in
-  PyTorch's MaxPool2d and a VALID max-pool.
-  """
-  b, height, width, c = x.shape
-  h, w = height // k, width // k
-  return x[:, :h * k, :w * k].reshape(b, h, k, w, k, c)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def max_pool(x, k: int = 2):
-  """Max over non-overlapping k x k windows (stride k) of NHWC `x`."""
-  return _blocks(x, k).max(axis=(2, 4))
-
-
-def _max_pool_fwd(x, k):
-  out = max_pool(x, k)
-  return out, (x, out)
-
-
-def _max_pool_bwd(k, saved, g):
-  x, out = saved
-  blocks = _blocks(x, k)
-  is_max = blocks == out[:, :, None, :, None]
-  # The first maximum in row-major window order: the one whose position
-  # (i * k + j) is the smallest among the window's maxima.
-  position = jnp.arange(k * k, dtype=jnp.int32).reshape(k, 1, k, 1)
-  first_position = jnp.where(is_max, position, k * k).min(axis=(2, 4))
-  first = is_max & (position == first_position[:, :, None, :, None])
-  dx = jnp.where(first, g[:, :, None, :, None], jnp.zeros((), g.dtype))
-  b, h, _, w, _, c = dx.shape
-  dx = dx.reshape(b, h * k, w * k, c)
-  pad = ((0, 0), (0, x.shape[1] - h * k), (0, x.shape[2] - w * k), (0, 0))
-  return (jnp.pad(dx, pad),)
-
-
-max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _strided_windows(x, k: int, stride: int, padding: int):
@@ -77,22 +35,27 @@ def _strided_windows(x, k: int, stride: int, padding: int):
   return views, xp.shape
 
 
+def max_pool(x, k: int = 2, stride: int | None = None, padding: int = 0):
+  """Max over k x k windows of NHWC `x` with `stride` (default k) and
+  `padding` (-inf), as `nn.max_pool(x, (k, k), (stride, stride),
+  ((padding,) * 2,) * 2)`: rows and columns beyond the last whole window are
+  dropped. Same gradient as flax's (each window's to its first maximum in
+  row-major order), computed elementwise."""
+  return _max_pool(x, k, k if stride is None else stride, padding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def max_pool_overlapping(x, k: int = 3, stride: int = 2, padding: int = 1):
-  """Max over k x k windows with `stride` and `padding` (-inf) of NHWC `x`,
-  as `nn.max_pool(x, (k, k), (stride, stride), ((padding,) * 2,) * 2)`
-  (cnn1 and cnn_bn: 3, 2, 1), with the same gradient (each window's to its
-  first maximum in row-major order), computed elementwise."""
+def _max_pool(x, k: int, stride: int, padding: int):
   views, _ = _strided_windows(x, k, stride, padding)
   return functools.reduce(jnp.maximum, views)
 
 
-def _overlapping_fwd(x, k, stride, padding):
-  out = max_pool_overlapping(x, k, stride, padding)
+def _max_pool_fwd(x, k, stride, padding):
+  out = _max_pool(x, k, stride, padding)
   return out, (x, out)
 
 
-def _overlapping_bwd(k, stride, padding, saved, g):
+def _max_pool_bwd(k, stride, padding, saved, g):
   x, out = saved
   views, padded_shape = _strided_windows(x, k, stride, padding)
   taken = jnp.zeros(out.shape, bool)
@@ -114,7 +77,7 @@ def _overlapping_bwd(k, stride, padding, saved, g):
   return (dx[:, padding:padding + height, padding:padding + width],)
 
 
-max_pool_overlapping.defvjp(_overlapping_fwd, _overlapping_bwd)
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def _sum_to_channels(g):
