@@ -75,7 +75,7 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
   model_cfg, _, size, channels, frozen = MODELS[name]
   model = models.create_model(
       ml_collections.ConfigDict(model_cfg), NUM_CLASSES, axis_name=steps.AXIS,
-      dtype=jax.numpy.bfloat16 if half_precision else jax.numpy.float32)
+      dtype=models.compute_dtype(half_precision))
   optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.001, momentum=0.9, grad_clip_norm=0.0,
       frozen=frozen))

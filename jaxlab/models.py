@@ -241,6 +241,12 @@ MODELS: dict[str, ModelSpec] = {
 _NON_MODEL_KEYS = ('name', 'pretrained', 'download_pretrained')
 
 
+def compute_dtype(half_precision: bool):
+  """The dtype models compute in: bfloat16 for the config's
+  `half_precision`, else float32."""
+  return jnp.bfloat16 if half_precision else jnp.float32
+
+
 def create_model(model_config, num_classes: int,
                  axis_name: str | None = None,
                  dtype: Any = jnp.float32) -> nn.Module:

@@ -107,9 +107,8 @@ def cross_entropy(logits, labels):
 def global_norm(tree) -> jax.Array:
   """The L2 norm of all leaves together, as `optax.tree.norm`.
 
-  As dot products: XLA:CPU runs `sum(g * g)` of a large leaf as a separate
-  squaring pass into a temporary buffer, then a slow reduce-window (fc: 86 ms
-  a step, against a quarter of that for one pass of reads).
+  As dot products, which XLA:CPU reduces faster than `sum(g * g)` (fc's
+  265 MiB kernel alone: 31 ms against 41 ms).
   """
   return jnp.sqrt(sum(jnp.vdot(leaf, leaf) for leaf in jax.tree.leaves(tree)))
 

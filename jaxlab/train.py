@@ -14,7 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -196,7 +195,7 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
   image_shape = dataset.train.images.shape[1:]
   model = models.create_model(
       config.model, dataset.num_classes, axis_name=steps.AXIS,
-      dtype=jnp.bfloat16 if config.half_precision else jnp.float32)
+      dtype=models.compute_dtype(config.half_precision))
   summary = summary_lib.summarize(model, image_shape, config.batch_size,
                                   config.optimizer.frozen)
   load_params = None
