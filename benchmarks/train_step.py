@@ -68,7 +68,6 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
   """Builds jaxlab's step; returns a function running one step, and facts."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from flax import jax_utils  # pylint: disable=g-import-not-at-top
   import jaxlab  # pylint: disable=g-import-not-at-top,unused-import
   from jaxlab import models, steps  # pylint: disable=g-import-not-at-top
   from jaxlab.preprocessing import Preprocess  # pylint: disable=g-import-not-at-top
@@ -81,7 +80,7 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
       frozen=frozen))
   state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0),
                                    (size, size, channels))
-  state = jax_utils.replicate(state)
+  state = steps.replicate(state)
   p_train, _ = steps.pmapped_steps(Preprocess())
   n_dev = jax.local_device_count()
   if batch % n_dev:

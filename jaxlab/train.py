@@ -217,7 +217,7 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
     if not done_epochs:
       writer.write_hparams(_flat(config_dict))
     p_train, p_eval = steps.pmapped_steps(preprocess)
-    state = jax_utils.replicate(state)
+    state = steps.replicate(state)
     train_fn, compile_seconds = _compile_train_step(p_train, state, dataset,
                                                     config, sharding)
     logging.info('Compiled the train step in %.1f s.', compile_seconds)
@@ -246,7 +246,7 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
       # the epoch, and resuming trims the history back to the checkpoint.
       if jax.process_index() == 0:
         records.append_history(workdir, entry)
-      checkpoints.save(epoch, jax_utils.unreplicate(state),
+      checkpoints.save(epoch, steps.unreplicate(state),
                        force=epoch == config.num_epochs)
 
     test = evaluate(p_eval, state, dataset.test, config.eval_batch_size,

@@ -8,7 +8,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from flax import jax_utils
 from PIL import Image
 
 from configs import vgg_finetune
@@ -99,12 +98,11 @@ def test_freezing_preset(preset):
     logits = state.apply_fn({'params': params}, Preprocess()(batch['image'][0]),
                             train=True)
     return steps.cross_entropy(logits, batch['label'][0]).mean()
-  p_train = jax.pmap(lambda s, b: steps.train_step(s, b, Preprocess()),
-                     axis_name=steps.AXIS)
-  replicated = jax_utils.replicate(state)
+  p_train, _ = steps.pmapped_steps(Preprocess())
+  replicated = steps.replicate(state)
   for _ in range(3):
-    replicated, metrics = p_train(replicated, batch)
-  final = jax.tree.map(lambda x: x[0], replicated)
+    replicated, _ = p_train(replicated, batch)
+  final = steps.unreplicate(replicated)
   end = flax.traverse_util.flatten_dict(jax.device_get(final.params))
   assert {k[0] for k in frozen} == FROZEN_LAYERS[preset]
   for path in start:
@@ -122,7 +120,7 @@ def test_freezing_preset(preset):
   if preset != 'second15':
     return
   # The first step's reported gradient norm: trainable parameters only.
-  _, first = p_train(jax_utils.replicate(state), batch)
+  _, first = p_train(steps.replicate(state), batch)
   grads = flax.traverse_util.flatten_dict(jax.jit(jax.grad(loss))(state.params))
   trainable_norm = np.sqrt(sum(np.sum(np.square(g)) for k, g in grads.items()
                                if k not in frozen))

@@ -8,13 +8,18 @@ import subprocess
 import sys
 import time
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import default
+from jaxlab import models
 from jaxlab import records
+from jaxlab import steps
 from jaxlab import train
 from jaxlab.errors import UserError
+from jaxlab.preprocessing import Preprocess
 from tests.conftest import ROOT
 from tests.conftest import make_image_folder
 from tests.conftest import run_launch
@@ -180,3 +185,26 @@ def test_bad_checkpoint_settings_fail_before_any_work(tmp_path):
   with pytest.raises(UserError, match=r'config checkpoint.keep=0 must be at '
                      'least 1'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_train_step_takes_a_replicated_state_and_donates_it():
+  model = models.CNN2(num_classes=3)
+  optimizer = ml_collections.ConfigDict(dict(
+      name='sgd', learning_rate=0.1, momentum=0.9, frozen=()))
+  state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0),
+                                   (16, 16, 3))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 255, (1, 4, 16, 16, 3), dtype=np.uint8),
+           'label': rng.integers(0, 3, (1, 4)).astype(np.int32)}
+  p_train, _ = steps.pmapped_steps(Preprocess())
+  replicated = steps.replicate(state)
+  kept = steps.unreplicate(replicated)
+  new, _ = p_train(replicated, batch)
+  for before, leaf, after, copy in zip(*map(jax.tree.leaves,
+                                            (state, replicated, new, kept))):
+    assert leaf.is_deleted()  # Donated to the step...
+    np.testing.assert_array_equal(copy, before)  # ...but not the copies.
+    assert after.shape == np.shape(before) and after.sharding.is_fully_replicated
+  assert int(new.step) == 1
+  assert not np.array_equal(new.params['head']['kernel'],
+                            state.params['head']['kernel'])
