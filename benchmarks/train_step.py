@@ -110,6 +110,9 @@ def torch_worker(name: str, batch: int, use_compile: bool,
                  half_precision: bool = False):
   """The same model and SGD step in PyTorch; returns a one-step function.
 
+  Like jaxlab's step, it computes the step's loss, accuracy and gradient
+  norm (the metrics jaxlab logs), not the loss alone.
+
   With `half_precision`, the forward pass and loss run under
   `torch.autocast(bfloat16)`, PyTorch's counterpart of jaxlab's
   half_precision (float32 parameters and optimizer state).
@@ -139,9 +142,14 @@ def torch_worker(name: str, batch: int, use_compile: bool,
   def train_step():
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast('cpu', dtype=torch.bfloat16, enabled=half_precision):
-      loss = nn.functional.cross_entropy(model(images.float() / 255), labels)
+      logits = model(images.float() / 255)
+      loss = nn.functional.cross_entropy(logits, labels)
     loss.backward()
+    # The metrics jaxlab's step returns: loss, accuracy, gradient norm.
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     optimizer.step()
+    return loss.detach(), accuracy, grad_norm
 
   start = time.perf_counter()
   step = torch.compile(train_step) if use_compile else train_step
