@@ -2,10 +2,11 @@
 
 `max_pool` (2 x 2 windows in cnn2, scratch_cnn and VGG16; 3 x 3, stride 2,
 padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
-XLA's `select_and_scatter`, which is slow on CPU. Here the gradient is a mask
-computed elementwise over the windows (fusable), with the same semantics:
-each window's gradient goes to its first maximum in row-major order, as
-select_and_scatter (and PyTorch) route it.
+XLA's `select_and_scatter`, which is slow on CPU. Here the forward pass keeps
+each window's first maximum as a small index, and the gradient is computed
+elementwise from it (fusable), with the same semantics: each window's
+gradient goes to its first maximum in row-major order, as select_and_scatter
+(and PyTorch) route it.
 
 `bias_add`: a bias whose gradient reduces in two stages (see
 `_sum_to_channels`).
@@ -51,29 +52,41 @@ def _max_pool(x, k: int, stride: int, padding: int):
 
 
 def _max_pool_fwd(x, k, stride, padding):
-  out = _max_pool(x, k, stride, padding)
-  return out, (x, out)
+  views, _ = _strided_windows(x, k, stride, padding)
+  out = functools.reduce(jnp.maximum, views)
+  # Each window's first maximum, as its row-major index: the backward pass
+  # needs only this and the incoming gradient, not x.
+  index_dtype = jnp.int8 if k * k <= 127 else jnp.int32
+  first = jnp.full(out.shape, k * k - 1, index_dtype)
+  for index in reversed(range(k * k - 1)):
+    first = jnp.where(views[index] == out, index_dtype(index), first)
+  return out, (first, x.shape)
 
 
 def _max_pool_bwd(k, stride, padding, saved, g):
-  x, out = saved
-  views, padded_shape = _strided_windows(x, k, stride, padding)
-  taken = jnp.zeros(out.shape, bool)
-  dx = jnp.zeros(padded_shape, g.dtype)
+  first, shape = saved
+  b, height, width, c = shape
+  ho, wo = first.shape[1:3]
   zero = jnp.zeros((), g.dtype)
-  for index, view in enumerate(views):
+  if stride == k and padding == 0:
+    # The windows tile the input: dx is g broadcast over [B, Ho, k, Wo, k, C]
+    # where the window element is the first maximum, without the pads below.
+    index = jnp.arange(k * k, dtype=first.dtype).reshape(1, 1, k, 1, k, 1)
+    dx = jnp.where(index == first[:, :, None, :, None, :],
+                   g[:, :, None, :, None, :], zero)
+    dx = dx.reshape(b, ho * k, wo * k, c)
+    return (jnp.pad(dx, ((0, 0), (0, height - ho * k), (0, width - wo * k),
+                         (0, 0))),)
+  padded = (height + 2 * padding, width + 2 * padding)
+  dx = jnp.zeros((b,) + padded + (c,), g.dtype)
+  for index in range(k * k):
     i, j = divmod(index, k)
-    first = (view == out) & ~taken
-    taken = taken | first
-    # Back to the view's positions in the padded input: stride - 1 zeros
-    # between elements (interior padding), offset (i, j).
-    rows = (i, padded_shape[1] - i - stride * (out.shape[1] - 1) - 1,
-            stride - 1)
-    cols = (j, padded_shape[2] - j - stride * (out.shape[2] - 1) - 1,
-            stride - 1)
-    dx = dx + jax.lax.pad(jnp.where(first, g, zero), zero,
+    # Back to the window element's positions in the padded input: stride - 1
+    # zeros between elements (interior padding), offset (i, j).
+    rows = (i, padded[0] - i - stride * (ho - 1) - 1, stride - 1)
+    cols = (j, padded[1] - j - stride * (wo - 1) - 1, stride - 1)
+    dx = dx + jax.lax.pad(jnp.where(first == index, g, zero), zero,
                           ((0, 0, 0), rows, cols, (0, 0, 0)))
-  height, width = x.shape[1:3]
   return (dx[:, padding:padding + height, padding:padding + width],)
 
 
