@@ -33,7 +33,7 @@ def _strided_windows(x, k: int, stride: int, padding: int):
           xp, (0, i, j, 0),
           (b, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
           (1, stride, stride, 1)))
-  return views, xp.shape
+  return views
 
 
 def max_pool(x, k: int = 2, stride: int | None = None, padding: int = 0):
@@ -47,12 +47,12 @@ def max_pool(x, k: int = 2, stride: int | None = None, padding: int = 0):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool(x, k: int, stride: int, padding: int):
-  views, _ = _strided_windows(x, k, stride, padding)
+  views = _strided_windows(x, k, stride, padding)
   return functools.reduce(jnp.maximum, views)
 
 
 def _max_pool_fwd(x, k, stride, padding):
-  views, _ = _strided_windows(x, k, stride, padding)
+  views = _strided_windows(x, k, stride, padding)
   out = functools.reduce(jnp.maximum, views)
   # Each window's first maximum, as its row-major index: the backward pass
   # needs only this and the incoming gradient, not x.
