@@ -28,9 +28,10 @@ def _activation(name: str) -> Callable:
 
 
 class Conv(nn.Module):
-  """`nn.Conv` (same parameters, names, initialisers and results) whose bias
-  gradient runs faster on CPU (see `ops.bias_add`). Parameters are float32;
-  `dtype` is the dtype of the computation."""
+  """`nn.Conv` with stride 1 (same parameters, names, initialisers and
+  results) whose kernel and bias gradients run faster on CPU (see
+  `ops.conv2d`, `ops.bias_add`). Parameters are float32; `dtype` is the
+  dtype of the computation."""
   features: int
   kernel_size: Sequence[int]
   padding: str | Sequence[tuple[int, int]] = 'SAME'
@@ -41,10 +42,12 @@ class Conv(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(1,) * len(self.kernel_size), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    padding = self.padding
+    if isinstance(padding, str):
+      padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size,
+                                        (1, 1), padding)
+    y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                   tuple(tuple(pair) for pair in padding))
     return ops.bias_add(y, bias.astype(self.dtype))
 
 

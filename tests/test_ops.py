@@ -14,9 +14,9 @@ from jaxlab import ops
 from jaxlab import steps
 
 
-def _outputs_and_grads(pool, x, cotangent):
-  out, vjp = jax.vjp(pool, x)
-  return out, vjp(cotangent)[0]
+def _outputs_and_grads(f, cotangent, *args):
+  out, vjp = jax.vjp(f, *args)
+  return (out, *vjp(cotangent))
 
 
 @pytest.mark.parametrize('shape,k,stride,padding', [
@@ -34,7 +34,7 @@ def test_max_pool_matches_flax(shape, k, stride, padding, ties):
   plain = jax.jit(lambda v: nn.max_pool(v, (k, k), strides=(stride, stride),
                                         padding=((padding, padding),) * 2))
   cotangent = rng.normal(size=plain(x).shape).astype(np.float32)
-  ours, plain = (_outputs_and_grads(f, x, cotangent) for f in (ours, plain))
+  ours, plain = (_outputs_and_grads(f, cotangent, x) for f in (ours, plain))
   np.testing.assert_array_equal(ours[0], plain[0])
   if stride == k:  # Each input in one window: the same gradient, exactly.
     np.testing.assert_array_equal(ours[1], plain[1])
@@ -70,6 +70,31 @@ def test_conv_matches_flax_conv(padding):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5),
                mine, theirs)
+
+
+@pytest.mark.parametrize('padding', [((0, 0), (0, 0)), ((1, 1), (1, 1)),
+                                     ((1, 0), (0, 2))])
+@pytest.mark.parametrize('stored_transpose,nan_in_cotangent', [
+    (False, False), (True, False),
+    (True, True)])  # The conditional's other (equivalent) branch.
+def test_conv2d_matches_lax_convolution(padding, stored_transpose,
+                                        nan_in_cotangent, monkeypatch):
+  if stored_transpose:  # The path of large activations.
+    monkeypatch.setattr(ops, '_STORED_TRANSPOSE_MIN_SIZE', 0)
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 9, 8, 5)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 5, 4)).astype(np.float32)
+  plain = lambda v, k: jax.lax.conv_general_dilated(
+      v, k, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda v, k: ops.conv2d(v, k, padding)
+  cotangent = rng.normal(size=plain(x, kernel).shape).astype(np.float32)
+  if nan_in_cotangent:
+    cotangent[0, 0, 0, 0] = np.nan
+  ours, plain = (_outputs_and_grads(jax.jit(f), cotangent, x, kernel)
+                 for f in (ours, plain))
+  np.testing.assert_array_equal(ours[0], plain[0])
+  np.testing.assert_array_equal(ours[1], plain[1])  # The input's gradient.
+  np.testing.assert_allclose(ours[2], plain[2], rtol=1e-5, atol=1e-5)
 
 
 def test_global_norm_matches_optax():
