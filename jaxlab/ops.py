@@ -184,9 +184,8 @@ def _conv_kernel_grad(x, g, padding):
   else:
     xt = _channels_first_4d(x)
   gt = jnp.transpose(g, (1, 2, 0, 3))
-  grad = jax.lax.conv_general_dilated(xt, gt, (1, 1), padding,
-                                      dimension_numbers=_CONV_DIMENSIONS)
-  return jnp.transpose(grad, (1, 2, 0, 3))  # [C, kh, kw, O] -> HWIO
+  grad = _conv(xt, gt, padding)  # [C, kh, kw, O]
+  return jnp.transpose(grad, (1, 2, 0, 3))  # HWIO
 
 
 def _conv2d_bwd(padding, saved, g):
