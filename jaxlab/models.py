@@ -51,6 +51,42 @@ class Conv(nn.Module):
     return ops.bias_add(y, bias.astype(self.dtype))
 
 
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over all axes but the last, with flax's defaults (fast
+  variance, scale and bias; same parameters, `batch_stats`, initialisers and
+  results) whose batch statistics and gradients reduce faster on CPU (see
+  `ops.batch_norm`). Parameters and statistics are float32; `dtype` is the
+  dtype of the result."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,
+                            jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features,
+                           jnp.float32)
+    scale = self.param('scale', nn.initializers.ones_init(), features)
+    bias = self.param('bias', nn.initializers.zeros_init(), features)
+    if self.use_running_average:
+      multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
+      return y.astype(self.dtype)
+    # As flax's: no averaging over devices, and no update, when initialising.
+    initializing = self.is_initializing()
+    y, mean, var = ops.batch_norm(
+        x, scale, bias, self.epsilon,
+        None if initializing else self.axis_name)
+    if not initializing:
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(self.dtype)
+
+
 def _flatten(x):
   return x.reshape((x.shape[0], -1))
 
@@ -107,9 +143,9 @@ class CNN1(nn.Module):
                name=f'conv{i + 1}')(x)
       if self.batch_norm:
         # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                         epsilon=1e-5, axis_name=self.axis_name,
-                         dtype=self.dtype, name=f'bn{i + 1}')(x)
+        x = BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, axis_name=self.axis_name,
+                      dtype=self.dtype, name=f'bn{i + 1}')(x)
       x = nn.relu(x)
       if i % 2 == 1:
         x = ops.max_pool(x, 3, stride=2, padding=1)

@@ -1,6 +1,7 @@
 """The fast layers give the plain layers' outputs and gradients; the
 process-wide defaults (XLA flags, malloc) are applied and yield to the user."""
 
+import functools
 import os
 
 import flax.linen as nn
@@ -95,6 +96,71 @@ def test_conv2d_matches_lax_convolution(padding, stored_transpose,
   np.testing.assert_array_equal(ours[0], plain[0])
   np.testing.assert_array_equal(ours[1], plain[1])  # The input's gradient.
   np.testing.assert_allclose(ours[2], plain[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_matches_flax(train):
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5, 6)) * 3 + 2
+  ours = models.BatchNorm(use_running_average=not train, momentum=0.9)
+  plain = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                       epsilon=1e-5)
+  variables = ours.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               plain.init(jax.random.PRNGKey(1), x))
+  # Non-trivial scale, bias and running statistics.
+  variables = jax.tree.map(
+      lambda v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(2), v.shape),
+      variables)
+
+  def loss(module):
+    def f(params, x):
+      y, updates = module.apply({**variables, 'params': params}, x,
+                                mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(y)), (y, updates)
+    return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))
+
+  mine, theirs = (loss(m)(variables['params'], x) for m in (ours, plain))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-5),
+               mine, theirs)
+
+
+def test_batch_norm_over_devices_is_batch_norm_of_the_whole_batch():
+  # Four "devices" (a named vmap axis) with two examples each against one
+  # batch of eight: statistics, outputs and gradients.
+  rng = np.random.default_rng(3)
+  x = rng.normal(2, 3, size=(4, 2, 5, 5, 3)).astype(np.float32)
+  scale, bias = (rng.normal(size=3).astype(np.float32) for _ in range(2))
+  weights = rng.normal(size=x.shape).astype(np.float32)
+
+  def total(batch_norm):
+    def f(x, scale, bias, weights):
+      y, mean, var = batch_norm(x, scale, bias)
+      return jnp.sum(jnp.sin(y) * weights), (y, mean, var)
+    return jax.grad(f, (0, 1, 2), has_aux=True)
+
+  sharded = jax.vmap(
+      total(lambda *a: ops.batch_norm(*a, 1e-5, axis_name='devices')),
+      in_axes=(0, None, None, 0), axis_name='devices')
+  (dx, dscale, dbias), (y, mean, var) = sharded(x, scale, bias, weights)
+  whole = x.reshape(8, 5, 5, 3)
+
+  def plain(x, scale, bias):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    y = (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+    return y, mean, var
+
+  (dx1, dscale1, dbias1), (y1, mean1, var1) = total(plain)(
+      whole, scale, bias, weights.reshape(whole.shape))
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5)
+  close(y.reshape(y1.shape), y1)
+  for device in range(4):  # Every device has the statistics of the whole.
+    close(mean[device], mean1)
+    close(var[device], var1)
+  close(dx.reshape(dx1.shape), dx1)
+  # Each device's parameter gradient is its own examples' share.
+  close(dscale.sum(0), dscale1)
+  close(dbias.sum(0), dbias1)
 
 
 def test_global_norm_matches_optax():
