@@ -200,14 +200,16 @@ def _conv2d_bwd(padding, saved, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def _channel_means(xs, axis_name: str | None):
-  """Each array's per-channel mean (float32) over all axes but the last, and
-  over the devices of `axis_name` (one collective for all of them)."""
-  count = xs[0].size // xs[0].shape[-1]
-  means = jnp.stack([_sum_to_channels(x) for x in xs]) / count
-  if axis_name is not None:
-    means = jax.lax.pmean(means, axis_name)
-  return tuple(means)
+def _channel_sums(*xs):
+  """[len(xs), C]: each array summed over all axes but the last."""
+  return jnp.stack([_sum_to_channels(x) for x in xs])
+
+
+def _batch_means(sums, count: int, axis_name: str | None):
+  """Per-channel sums of `count` elements each -> means over the devices of
+  `axis_name` too (one collective for all of them)."""
+  means = sums / count
+  return means if axis_name is None else jax.lax.pmean(means, axis_name)
 
 
 def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None):
@@ -228,39 +230,32 @@ def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None):
   return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
 
 
-def _batch_norm_stats(x, scale, epsilon, axis_name):
-  x = x.astype(jnp.float32)
-  mean, mean_of_squares = _channel_means((x, x * x), axis_name)
-  var = jnp.maximum(0.0, mean_of_squares - mean * mean)
-  return x, mean, var, jax.lax.rsqrt(var + epsilon) * scale
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _batch_norm(x, scale, bias, epsilon, axis_name):
-  x32, mean, var, multiplier = _batch_norm_stats(x, scale, epsilon, axis_name)
-  return ((x32 - mean) * multiplier + bias).astype(x.dtype), mean, var
+  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
-  x32, mean, var, multiplier = _batch_norm_stats(x, scale, epsilon, axis_name)
+  x32 = x.astype(jnp.float32)
+  mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
+                                       x.size // x.shape[-1], axis_name)
+  var = jnp.maximum(0.0, mean_of_squares - mean * mean)
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale
   y = ((x32 - mean) * multiplier + bias).astype(x.dtype)
-  return (y, mean, var), (x, mean, var, scale, multiplier)
+  return (y, mean, var), (x, mean, var, multiplier)
 
 
 def _batch_norm_bwd(epsilon, axis_name, saved, cotangents):
   # Only y's cotangent counts: `batch_norm` stops the statistics' gradients.
-  x, mean, var, scale, multiplier = saved
+  x, mean, var, multiplier = saved
   g = cotangents[0].astype(jnp.float32)
   normalized = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + epsilon)
-  # The parameters' gradients are this device's; x's goes through the
+  # The parameters' gradients are this device's sums; x's goes through the
   # statistics of the whole batch, over all devices.
-  bias_grad = _sum_to_channels(g)
-  scale_grad = _sum_to_channels(g * normalized)
-  count = x.size // x.shape[-1]
-  mean_g, mean_g_normalized = bias_grad / count, scale_grad / count
-  if axis_name is not None:
-    mean_g, mean_g_normalized = jax.lax.pmean(
-        jnp.stack([mean_g, mean_g_normalized]), axis_name)
+  sums = _channel_sums(g, g * normalized)
+  bias_grad, scale_grad = sums
+  mean_g, mean_g_normalized = _batch_means(sums, x.size // x.shape[-1],
+                                           axis_name)
   x_grad = multiplier * (g - mean_g - normalized * mean_g_normalized)
   return x_grad.astype(x.dtype), scale_grad, bias_grad
 
