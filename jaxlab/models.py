@@ -73,9 +73,8 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones_init(), features)
     bias = self.param('bias', nn.initializers.zeros_init(), features)
     if self.use_running_average:
-      multiplier = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-      y = (x.astype(jnp.float32) - ra_mean.value) * multiplier + bias
-      return y.astype(self.dtype)
+      return ops.normalize(x, ra_mean.value, ra_var.value, scale, bias,
+                           self.epsilon).astype(self.dtype)
     # As flax's: no averaging over devices, and no update, when initialising.
     initializing = self.is_initializing()
     y, mean, var = ops.batch_norm(

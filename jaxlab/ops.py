@@ -212,6 +212,13 @@ def _batch_means(sums, count: int, axis_name: str | None):
   return means if axis_name is None else jax.lax.pmean(means, axis_name)
 
 
+def normalize(x, mean, var, scale, bias, epsilon: float):
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over x's last axis, in
+  float32, computed as flax's BatchNorm computes it."""
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale
+  return (x.astype(jnp.float32) - mean) * multiplier + bias
+
+
 def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None):
   """BatchNorm of NHWC (or [..., C]) `x` with its own batch's statistics.
 
@@ -240,23 +247,23 @@ def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
   mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
                                        x.size // x.shape[-1], axis_name)
   var = jnp.maximum(0.0, mean_of_squares - mean * mean)
-  multiplier = jax.lax.rsqrt(var + epsilon) * scale
-  y = ((x32 - mean) * multiplier + bias).astype(x.dtype)
-  return (y, mean, var), (x, mean, var, multiplier)
+  y = normalize(x, mean, var, scale, bias, epsilon).astype(x.dtype)
+  return (y, mean, var), (x, mean, var, scale)
 
 
 def _batch_norm_bwd(epsilon, axis_name, saved, cotangents):
   # Only y's cotangent counts: `batch_norm` stops the statistics' gradients.
-  x, mean, var, multiplier = saved
+  x, mean, var, scale = saved
   g = cotangents[0].astype(jnp.float32)
-  normalized = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + epsilon)
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  normalized = (x.astype(jnp.float32) - mean) * inverse_std
   # The parameters' gradients are this device's sums; x's goes through the
   # statistics of the whole batch, over all devices.
   sums = _channel_sums(g, g * normalized)
   bias_grad, scale_grad = sums
   mean_g, mean_g_normalized = _batch_means(sums, x.size // x.shape[-1],
                                            axis_name)
-  x_grad = multiplier * (g - mean_g - normalized * mean_g_normalized)
+  x_grad = inverse_std * scale * (g - mean_g - normalized * mean_g_normalized)
   return x_grad.astype(x.dtype), scale_grad, bias_grad
 
 
