@@ -29,7 +29,14 @@ flags.DEFINE_string('workdir', None,
 flags.DEFINE_bool('summary', False,
                   'Print the layer table and parameter counts, then exit.')
 flags.DEFINE_bool('distributed', False,
-                  'Multi-host: call jax.distributed.initialize() first.')
+                  'Multi-host: call jax.distributed.initialize() first (the '
+                  'three flags below, or detected on SLURM, Open MPI, TPU).')
+flags.DEFINE_string('coordinator_address', None,
+                    'With --distributed: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None,
+                     'With --distributed: how many processes take part.')
+flags.DEFINE_integer('process_id', None,
+                     'With --distributed: this process, 0 .. num_processes-1.')
 
 
 def _default_workdir() -> str:
@@ -56,8 +63,16 @@ def main(argv):
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
 
   from jaxlab import runtime  # pylint: disable=g-import-not-at-top
+  cluster_flags = [f'--{name}' for name in ('coordinator_address',
+                                             'num_processes', 'process_id')
+                   if FLAGS[name].value is not None]
+  if cluster_flags and not FLAGS.distributed:
+    print(f'error: {" ".join(cluster_flags)} needs --distributed',
+          file=sys.stderr)
+    sys.exit(2)
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   runtime.configure()
   config = FLAGS.config
   is_suite = 'experiments' in config  # configs/suites/*: see jaxlab.suite.

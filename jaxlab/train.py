@@ -138,6 +138,12 @@ def _compile_train_step(p_train, state, dataset, config, sharding):
       'label': jax.ShapeDtypeStruct(
           (sharding.local_device_count, per_device), np.int32)}
   start = time.perf_counter()
+  if sharding.process_count > 1:
+    # Here pmap's ahead-of-time executables take global arrays, not this
+    # process's batches: compile by a step on a throwaway copy of the state.
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example)
+    jax.block_until_ready(p_train(steps.replicate(state), zeros))
+    return p_train, time.perf_counter() - start
   compiled = p_train.lower(state, example).compile()
   return compiled, time.perf_counter() - start
 

@@ -1,6 +1,8 @@
 """Shared helpers: tiny image folders and launch.py in a subprocess."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,19 +49,55 @@ def make_image_folder(root: str, num_classes: int = 3, per_class: int = 10,
   return root
 
 
-def run_launch(*args: str, devices: int = 1, timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-  """Runs launch.py with `devices` fake CPU devices; returns the process."""
+def _launch_env(devices: int) -> dict:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=timeout)
+  return env
+
+
+def _check(proc, args, check: bool) -> None:
   if check and proc.returncode != 0:
     raise AssertionError(f'launch.py {" ".join(args)} failed '
                          f'({proc.returncode}):\n{proc.stderr[-4000:]}')
+
+
+def run_launch(*args: str, devices: int = 1, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+  """Runs launch.py with `devices` fake CPU devices; returns the process."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
+      env=_launch_env(devices), capture_output=True, text=True,
+      timeout=timeout)
+  _check(proc, args, check)
   return proc
+
+
+def run_launch_distributed(*args: str, processes: int, devices: int,
+                           timeout: int = 300) -> list[str]:
+  """Runs launch.py --distributed as `processes` processes on this machine,
+  each with `devices` fake CPU devices; returns their stderr."""
+  with socket.socket() as s:  # A free port for the coordinator.
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(processes):
+    argv = [*args, '--distributed', f'--coordinator_address=localhost:{port}',
+            f'--num_processes={processes}', f'--process_id={i}']
+    procs.append((argv, subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, 'launch.py'), *argv], cwd=ROOT,
+        env=_launch_env(devices), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)))
+  try:
+    errs = [p.communicate(timeout=timeout)[1] for _, p in procs]
+  finally:
+    for _, p in procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  for (argv, p), err in zip(procs, errs):
+    _check(subprocess.CompletedProcess(argv, p.returncode, '', err), argv,
+           check=True)
+  return errs
 
 
 @pytest.fixture

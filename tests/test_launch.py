@@ -138,3 +138,8 @@ def test_unknown_model_is_one_line(tmp_path):
   line = _error_line('--workdir', str(tmp_path / 'run'),
                      '--config.model.name=resnet')
   assert line.startswith("error: config model.name='resnet' is not a model")
+
+
+def test_cluster_flags_without_distributed_are_one_line():
+  line = _error_line('--summary', '--num_processes=2', '--process_id=0')
+  assert line == 'error: --num_processes --process_id needs --distributed'

@@ -23,6 +23,7 @@ from jaxlab.preprocessing import Preprocess
 from tests.conftest import ROOT
 from tests.conftest import make_image_folder
 from tests.conftest import run_launch
+from tests.conftest import run_launch_distributed
 from tests.conftest import write_images
 
 LOSS_KEYS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
@@ -47,22 +48,49 @@ def awkward_folder(tmp_path_factory):
   return root
 
 
-def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
-                                                          tmp_path):
-  runs = {}
-  for devices in (1, 4):
-    workdir = str(tmp_path / f'dev{devices}')
-    run_launch(*_small_args(awkward_folder, workdir, epochs=2),
-               devices=devices)
-    runs[devices] = (records.read_history(workdir),
-                     records.read_results(workdir))
-  (h1, r1), (h4, r4) = runs[1], runs[4]
-  assert r1['num_test_examples'] == r4['num_test_examples'] == 37
-  for e1, e4 in zip(h1, h4, strict=True):
+def _history_and_results(workdir):
+  return records.read_history(workdir), records.read_results(workdir)
+
+
+@pytest.fixture(scope='module')
+def four_device_run(awkward_folder, tmp_path_factory):
+  """History and results of 2 epochs of cnn_bn on 4 devices."""
+  workdir = str(tmp_path_factory.mktemp('dev4'))
+  run_launch(*_small_args(awkward_folder, workdir, epochs=2), devices=4)
+  return _history_and_results(workdir)
+
+
+def _assert_same_run(got, expected):
+  (h, r), (h_expected, r_expected) = got, expected
+  assert r['num_test_examples'] == r_expected['num_test_examples'] == 37
+  assert [e['epoch'] for e in h] == [e['epoch'] for e in h_expected]
+  for e, e_expected in zip(h, h_expected, strict=True):
     for key in LOSS_KEYS:
-      np.testing.assert_allclose(e4[key], e1[key], rtol=1e-5, err_msg=key)
+      np.testing.assert_allclose(e[key], e_expected[key], rtol=1e-5,
+                                 err_msg=key)
   for key in ('test_loss', 'test_accuracy'):
-    np.testing.assert_allclose(r4[key], r1[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(r[key], r_expected[key], rtol=1e-5, err_msg=key)
+
+
+def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
+                                                          four_device_run,
+                                                          tmp_path):
+  workdir = str(tmp_path / 'dev1')
+  run_launch(*_small_args(awkward_folder, workdir, epochs=2), devices=1)
+  _assert_same_run(_history_and_results(workdir), four_device_run)
+
+
+def test_two_processes_resumed_match_one_process(awkward_folder,
+                                                 four_device_run, tmp_path):
+  """jax.distributed: 2 processes of 2 devices, stopped after epoch 1 and
+  continued from its checkpoint, train as 1 process of 4 devices."""
+  workdir = str(tmp_path / 'two_processes')
+  run_launch_distributed(*_small_args(awkward_folder, workdir, epochs=1),
+                         processes=2, devices=2)
+  errs = run_launch_distributed(
+      *_small_args(awkward_folder, workdir, epochs=2), processes=2, devices=2)
+  assert all('Resumed from the checkpoint of epoch 1' in e for e in errs)
+  _assert_same_run(_history_and_results(workdir), four_device_run)
 
 
 def _start(args) -> subprocess.Popen:
