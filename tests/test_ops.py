@@ -75,25 +75,33 @@ def test_conv_matches_flax_conv(padding):
 
 @pytest.mark.parametrize('padding', [((0, 0), (0, 0)), ((1, 1), (1, 1)),
                                      ((1, 0), (0, 2))])
-@pytest.mark.parametrize('stored_transpose,nan_in_cotangent', [
-    (False, False), (True, False),
-    (True, True)])  # The conditional's other (equivalent) branch.
-def test_conv2d_matches_lax_convolution(padding, stored_transpose,
-                                        nan_in_cotangent, monkeypatch):
+@pytest.mark.parametrize('channels', [3, 5])  # Shifted products up to 4.
+@pytest.mark.parametrize('stored_transpose,nan_in', [
+    (False, None), (True, None),
+    # The conditionals' other (equivalent) branches.
+    (True, 'cotangent'), (False, 'kernel')])
+def test_conv2d_matches_lax_convolution(padding, channels, stored_transpose,
+                                        nan_in, monkeypatch):
   if stored_transpose:  # The path of large activations.
     monkeypatch.setattr(ops, '_STORED_TRANSPOSE_MIN_SIZE', 0)
   rng = np.random.default_rng(2)
-  x = rng.normal(size=(3, 9, 8, 5)).astype(np.float32)
-  kernel = rng.normal(size=(3, 3, 5, 4)).astype(np.float32)
+  x = rng.normal(size=(3, 9, 8, channels)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, channels, 4)).astype(np.float32)
   plain = lambda v, k: jax.lax.conv_general_dilated(
       v, k, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   ours = lambda v, k: ops.conv2d(v, k, padding)
   cotangent = rng.normal(size=plain(x, kernel).shape).astype(np.float32)
-  if nan_in_cotangent:
+  if nan_in == 'cotangent':
     cotangent[0, 0, 0, 0] = np.nan
+  if nan_in == 'kernel':
+    kernel[0, 0, 0, 0] = np.nan
   ours, plain = (_outputs_and_grads(jax.jit(f), cotangent, x, kernel)
                  for f in (ours, plain))
-  np.testing.assert_array_equal(ours[0], plain[0])
+  if channels <= ops._SHIFTED_PRODUCTS_MAX_CHANNELS and nan_in != 'kernel':
+    # Summed in another order than XLA's convolution.
+    np.testing.assert_allclose(ours[0], plain[0], rtol=1e-5, atol=1e-5)
+  else:
+    np.testing.assert_array_equal(ours[0], plain[0])
   np.testing.assert_array_equal(ours[1], plain[1])  # The input's gradient.
   np.testing.assert_allclose(ours[2], plain[2], rtol=1e-5, atol=1e-5)
 
