@@ -71,18 +71,40 @@ def _max_pool_fwd(x, k, stride, padding):
 
 def _max_pool_bwd(k, stride, padding, saved, g):
   first, shape = saved
+  if stride == k and padding == 0:
+    # A conditional's operands are stored: the window indices are computed
+    # once, instead of in the gradient's fusion for each element (4x the
+    # work; scratch_cnn's step ran 17 % faster). The predicate only has to
+    # be unknown at compile time; both branches give the same gradient.
+    unknown_at_compile_time = g[(0,) * g.ndim] == g[(0,) * g.ndim]
+    return (jax.lax.cond(unknown_at_compile_time,
+                         functools.partial(_tiled_pool_grad, k, shape),
+                         functools.partial(_pool_grad, k, stride, padding,
+                                           shape), first, g),)
+  return (_pool_grad(k, stride, padding, shape, first, g),)
+
+
+def _tiled_pool_grad(k, shape, first, g):
+  """x's gradient where the windows tile x (stride k, no padding)."""
   b, height, width, c = shape
   ho, wo = first.shape[1:3]
   zero = jnp.zeros((), g.dtype)
-  if stride == k and padding == 0:
-    # The windows tile the input: dx is g broadcast over [B, Ho, k, Wo, k, C]
-    # where the window element is the first maximum, without the pads below.
-    index = jnp.arange(k * k, dtype=first.dtype).reshape(1, 1, k, 1, k, 1)
-    dx = jnp.where(index == first[:, :, None, :, None, :],
-                   g[:, :, None, :, None, :], zero)
-    dx = dx.reshape(b, ho * k, wo * k, c)
-    return (jnp.pad(dx, ((0, 0), (0, height - ho * k), (0, width - wo * k),
-                         (0, 0))),)
+  # The windows tile the input: dx is g broadcast over [B, Ho, k, Wo, k, C]
+  # where the window element is the first maximum, without the pads below.
+  index = jnp.arange(k * k, dtype=first.dtype).reshape(1, 1, k, 1, k, 1)
+  dx = jnp.where(index == first[:, :, None, :, None, :],
+                 g[:, :, None, :, None, :], zero)
+  dx = dx.reshape(b, ho * k, wo * k, c)
+  return jnp.pad(dx, ((0, 0), (0, height - ho * k), (0, width - wo * k),
+                      (0, 0)))
+
+
+def _pool_grad(k, stride, padding, shape, first, g):
+  """x's gradient from each window's first-maximum index and g: each
+  window's g goes to that element of x (summed where windows overlap)."""
+  b, height, width, c = shape
+  ho, wo = first.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
   padded = (height + 2 * padding, width + 2 * padding)
   dx = jnp.zeros((b,) + padded + (c,), g.dtype)
   for index in range(k * k):
@@ -93,7 +115,7 @@ def _max_pool_bwd(k, stride, padding, saved, g):
     cols = (j, padded[1] - j - stride * (wo - 1) - 1, stride - 1)
     dx = dx + jax.lax.pad(jnp.where(first == index, g, zero), zero,
                           ((0, 0, 0), rows, cols, (0, 0, 0)))
-  return (dx[:, padding:padding + height, padding:padding + width],)
+  return dx[:, padding:padding + height, padding:padding + width]
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -25,8 +25,11 @@ def _outputs_and_grads(f, cotangent, *args):
     ((2, 8, 8, 3), 2, 2, 0), ((2, 7, 9, 4), 2, 2, 0), ((1, 10, 11, 2), 3, 3, 0),
     # Overlapping and padded (cnn1, cnn_bn).
     ((2, 8, 8, 3), 3, 2, 1), ((2, 7, 9, 4), 3, 2, 1), ((1, 10, 11, 2), 3, 1, 1)])
-@pytest.mark.parametrize('ties', [False, True])
-def test_max_pool_matches_flax(shape, k, stride, padding, ties):
+@pytest.mark.parametrize('ties,nan_in_cotangent', [
+    (False, False), (True, False),
+    (False, True)])  # The tiled gradient's other (equivalent) branch.
+def test_max_pool_matches_flax(shape, k, stride, padding, ties,
+                               nan_in_cotangent):
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
   if ties:  # Few distinct values: most windows hold several maxima.
@@ -35,6 +38,8 @@ def test_max_pool_matches_flax(shape, k, stride, padding, ties):
   plain = jax.jit(lambda v: nn.max_pool(v, (k, k), strides=(stride, stride),
                                         padding=((padding, padding),) * 2))
   cotangent = rng.normal(size=plain(x).shape).astype(np.float32)
+  if nan_in_cotangent:
+    cotangent[0, 0, 0, 0] = np.nan
   ours, plain = (_outputs_and_grads(f, cotangent, x) for f in (ours, plain))
   np.testing.assert_array_equal(ours[0], plain[0])
   if stride == k:  # Each input in one window: the same gradient, exactly.
