@@ -12,7 +12,8 @@ gradient goes to its first maximum in row-major order, as select_and_scatter
 `_sum_to_channels`).
 
 `conv2d`: a stride-1 convolution whose kernel gradient transposes its input
-the fast way (see `_conv_kernel_grad`).
+the fast way (see `_conv_kernel_grad`), and whose forward pass on inputs of
+up to 4 channels is a fused sum of shifted products (see `_forward_conv`).
 
 `batch_norm`: BatchNorm's training-mode normalisation, whose statistics and
 gradients reduce over the batch in two stages (see `_sum_to_channels`).
@@ -89,8 +90,8 @@ def _tiled_pool_grad(k, shape, first, g):
   b, height, width, c = shape
   ho, wo = first.shape[1:3]
   zero = jnp.zeros((), g.dtype)
-  # The windows tile the input: dx is g broadcast over [B, Ho, k, Wo, k, C]
-  # where the window element is the first maximum, without the pads below.
+  # dx is g broadcast over [B, Ho, k, Wo, k, C] where the window element is
+  # the first maximum, then padded with the rows and columns no window has.
   index = jnp.arange(k * k, dtype=first.dtype).reshape(1, 1, k, 1, k, 1)
   dx = jnp.where(index == first[:, :, None, :, None, :],
                  g[:, :, None, :, None, :], zero)
