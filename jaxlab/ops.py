@@ -25,6 +25,20 @@ import jax
 import jax.numpy as jnp
 
 
+def _stored(unknown, branch, equivalent_branch, *operands):
+  """branch(*operands) inside a conditional, whose operands and result XLA
+  stores rather than fuses: each is computed once, not recomputed in every
+  fusion that reads it.
+
+  XLA keeps the conditional only if it cannot pick the branch at compile
+  time: the predicate is `unknown`'s first element == itself (False only for
+  a NaN), and the branches must differ; `equivalent_branch` has to give the
+  same result.
+  """
+  first = unknown[(0,) * unknown.ndim]
+  return jax.lax.cond(first == first, branch, equivalent_branch, *operands)
+
+
 def _strided_windows(x, k: int, stride: int, padding: int):
   """The k * k strided views [B, Ho, Wo, C] of x padded with -inf: view
   (i, j) holds each window's element at row i, column j (row-major)."""
@@ -73,15 +87,12 @@ def _max_pool_fwd(x, k, stride, padding):
 def _max_pool_bwd(k, stride, padding, saved, g):
   first, shape = saved
   if stride == k and padding == 0:
-    # A conditional's operands are stored: the window indices are computed
-    # once, instead of in the gradient's fusion for each element (4x the
-    # work; scratch_cnn's step ran 17 % faster). The predicate only has to
-    # be unknown at compile time; both branches give the same gradient.
-    unknown_at_compile_time = g[(0,) * g.ndim] == g[(0,) * g.ndim]
-    return (jax.lax.cond(unknown_at_compile_time,
-                         functools.partial(_tiled_pool_grad, k, shape),
-                         functools.partial(_pool_grad, k, stride, padding,
-                                           shape), first, g),)
+    # Stored, the window indices are computed once, not in the gradient's
+    # fusion for each element (4x the work; scratch_cnn's step ran 17 %
+    # faster).
+    return (_stored(g, functools.partial(_tiled_pool_grad, k, shape),
+                    functools.partial(_pool_grad, k, stride, padding, shape),
+                    first, g),)
   return (_pool_grad(k, stride, padding, shape, first, g),)
 
 
@@ -188,14 +199,12 @@ def _forward_conv(x, kernel, padding):
   if (x.shape[-1] > _SHIFTED_PRODUCTS_MAX_CHANNELS or
       jax.default_backend() != 'cpu'):
     return _conv(x, kernel, padding)
-  # Inside a conditional, whose result XLA stores: fused into its consumers
-  # instead, the sum would be recomputed by each (a max-pool reads every
-  # element several times). The predicate only has to be unknown at compile
-  # time; both branches give the convolution.
+  # Stored: fused into its consumers instead, the sum would be recomputed by
+  # each (a max-pool reads every element several times). The kernel decides
+  # the predicate: a padded x's first element is a constant XLA sees.
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  unknown_at_compile_time = kernel[0, 0, 0, 0] == kernel[0, 0, 0, 0]
-  return jax.lax.cond(unknown_at_compile_time, _conv_as_shifted_products,
-                      lambda v, k: _conv(v, k, ((0, 0), (0, 0))), xp, kernel)
+  return _stored(kernel, _conv_as_shifted_products,
+                 lambda v, k: _conv(v, k, ((0, 0), (0, 0))), xp, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -237,16 +246,11 @@ def _conv_kernel_grad(x, g, padding):
   XLA fuses x's producer (bias and ReLU, BatchNorm) into x's transpose; such
   a fused transpose reads x with a stride and runs 3-7x slower than the pure
   one (cnn2's conv2 input: 200-360 ms against 52-66 ms). For large x, the
-  transpose here sits inside a `lax.cond`: a conditional's operand is
-  stored, so the transpose reads the stored activation instead of
-  recomputing it. Both branches give the same result; the predicate only
-  has to be unknown at compile time (and the branches different) for XLA to
-  keep the conditional.
+  transpose here runs through `_stored`, so it reads the stored activation
+  instead of recomputing it.
   """
   if x.size >= _STORED_TRANSPOSE_MIN_SIZE:
-    unknown_at_compile_time = g[(0,) * g.ndim] == g[(0,) * g.ndim]
-    xt = jax.lax.cond(unknown_at_compile_time, _channels_first,
-                      _channels_first_4d, x)
+    xt = _stored(g, _channels_first, _channels_first_4d, x)
   else:
     xt = _channels_first_4d(x)
   gt = jnp.transpose(g, (1, 2, 0, 3))

@@ -56,10 +56,10 @@ def _launch_env(devices: int) -> dict:
   return env
 
 
-def _check(proc, args, check: bool) -> None:
-  if check and proc.returncode != 0:
+def _check_exit(args, returncode: int, stderr: str) -> None:
+  if returncode != 0:
     raise AssertionError(f'launch.py {" ".join(args)} failed '
-                         f'({proc.returncode}):\n{proc.stderr[-4000:]}')
+                         f'({returncode}):\n{stderr[-4000:]}')
 
 
 def run_launch(*args: str, devices: int = 1, timeout: int = 300,
@@ -69,7 +69,8 @@ def run_launch(*args: str, devices: int = 1, timeout: int = 300,
       [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
       env=_launch_env(devices), capture_output=True, text=True,
       timeout=timeout)
-  _check(proc, args, check)
+  if check:
+    _check_exit(args, proc.returncode, proc.stderr)
   return proc
 
 
@@ -95,8 +96,7 @@ def run_launch_distributed(*args: str, processes: int, devices: int,
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
   for (argv, p), err in zip(procs, errs):
-    _check(subprocess.CompletedProcess(argv, p.returncode, '', err), argv,
-           check=True)
+    _check_exit(argv, p.returncode, err)
   return errs
 
 
