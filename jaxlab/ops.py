@@ -233,10 +233,12 @@ def _channels_first_4d(x):
   return jnp.transpose(x, (3, 1, 2, 0))
 
 
-# Below this size (64 MiB of float32) a fused transpose costs a few ms and
+# Below this size (32 MiB of float32) a fused transpose costs a few ms and
 # the conditional's own cost outweighs it: scratch_cnn, whose activations are
-# at most 24 MiB, ran 5-7 % slower with it.
-_STORED_TRANSPOSE_MIN_SIZE = 2**24
+# at most 24 MiB, ran 5-7 % slower with it. cnn_bn's conv4 input (63 MiB)
+# is above it: its transpose fused with BatchNorm and ReLU took 170 ms of
+# thread time a step, against 29 ms stored.
+_STORED_TRANSPOSE_MIN_SIZE = 2**23
 
 
 def _conv_kernel_grad(x, g, padding):
