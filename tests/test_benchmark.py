@@ -1,0 +1,65 @@
+"""benchmarks/train_step.py end to end, on tiny batches: its table against
+PyTorch, and its jaxlab side with TensorFlow missing, as on the GPU image."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+HEADER = ('model | batch | jaxlab img/s | PyTorch img/s | ratio | GFLOP/s | '
+          '% of peak | compile s | peak MiB')
+
+
+def _run_benchmark(tmp_path, *args, block_tensorflow=False) -> dict:
+  """Runs the benchmark (one device, 1 timed step per model); returns its
+  table's rows by model name, each a dict of the header's columns."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if block_tensorflow:
+    fake = tmp_path / 'no_tensorflow' / 'tensorflow'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text(
+        "raise ImportError('TensorFlow is not installed on the GPU image')\n")
+    env['PYTHONPATH'] = os.pathsep.join(
+        [str(fake.parent)] + [p for p in [env.get('PYTHONPATH')] if p])
+    blocked = subprocess.run([sys.executable, '-c', 'import tensorflow'],
+                             env=env, capture_output=True, check=False)
+    assert blocked.returncode != 0, 'the fake tensorflow did not shadow it'
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/train_step.py', '--repeats', '1',
+       '--warmup', '0', '--steps-per-turn', '1', *args],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert HEADER in lines, proc.stdout
+  columns = HEADER.split(' | ')
+  rows = [dict(zip(columns, line.split(' | ')))
+          for line in lines[lines.index(HEADER) + 1:] if ' | ' in line]
+  return {row['model']: row for row in rows}
+
+
+def test_table_compares_jaxlab_with_pytorch(tmp_path):
+  pytest.importorskip('torch')
+  row = _run_benchmark(tmp_path, '--models', 'scratch_cnn', '--batch', '2'
+                       )['scratch_cnn']
+  assert row['batch'] == '2'
+  jax_rate, torch_rate = (float(row['jaxlab img/s']),
+                          float(row['PyTorch img/s']))
+  assert jax_rate > 0 and torch_rate > 0
+  # The ratio is jaxlab's speed over PyTorch's, from the same medians.
+  assert float(row['ratio']) == pytest.approx(jax_rate / torch_rate,
+                                              rel=0.02, abs=0.01)
+  assert float(row['GFLOP/s']) > 0 and float(row['compile s']) > 0
+
+
+def test_jaxlab_side_runs_without_tensorflow(tmp_path):
+  rows = _run_benchmark(tmp_path, '--jax-only', '--half-precision',
+                        '--models', 'fc,cnn_bn', '--batch', '2',
+                        block_tensorflow=True)
+  assert sorted(rows) == ['cnn_bn', 'fc']
+  for row in rows.values():
+    assert float(row['jaxlab img/s']) > 0
+    assert row['PyTorch img/s'] == '-'
