@@ -21,7 +21,10 @@ delivers them; nothing here imports TensorFlow but --pipeline. The table:
   (jaxlab / the faster PyTorch), GFLOP/s (jaxlab, FLOPs of the compiled step
   from XLA's cost analysis), % of peak (the matmul peak measured here, in
   float32, or bfloat16 with --half-precision), compile s (jaxlab, ahead of
-  time), peak MiB (each worker's max RSS growth; host memory only).
+  time), peak MiB (jaxlab's peak device memory on an accelerator; on a CPU,
+  each worker's max RSS growth). On a GPU whose datasheet peak is known
+  (DATASHEET_TFLOPS), the table is followed by each model's FLOP utilisation
+  against that peak.
 """
 
 import argparse
@@ -54,8 +57,40 @@ TORCH_MALLOC = {'MALLOC_MMAP_THRESHOLD_': str(1 << 32),
                 'MALLOC_TRIM_THRESHOLD_': str(1 << 32)}
 
 
+# Dense bfloat16 peaks from the vendors' datasheets, in TFLOP/s, for model
+# FLOP utilisation against the hardware rather than a measured matmul.
+# Longest matching prefix of jax's device_kind wins.
+DATASHEET_TFLOPS = {
+    'NVIDIA H100': {'bfloat16': 989.4},  # SXM: 'NVIDIA H100 80GB HBM3'.
+    'NVIDIA H100 PCIe': {'bfloat16': 756.0},
+    'NVIDIA H100 NVL': {'bfloat16': 835.5},
+    'NVIDIA H200': {'bfloat16': 989.4},
+    'NVIDIA A100': {'bfloat16': 312.0},
+}
+
+
+def datasheet_tflops(device_kind: str, dtype: str) -> float | None:
+  """The datasheet peak of `device_kind` in `dtype`, if DATASHEET_TFLOPS
+  knows it."""
+  matches = [k for k in DATASHEET_TFLOPS if device_kind.startswith(k)]
+  if not matches:
+    return None
+  return DATASHEET_TFLOPS[max(matches, key=len)].get(dtype)
+
+
 def _max_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_mib(framework: str, rss_before: float) -> float:
+  """JAX's peak device memory where the device reports it (accelerators),
+  else the process's max RSS growth."""
+  if framework == 'jax':
+    import jax  # pylint: disable=g-import-not-at-top
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      return stats['peak_bytes_in_use'] / 2**20
+  return _max_rss_mib() - rss_before
 
 
 def _batch(batch, size, channels):
@@ -179,7 +214,8 @@ def serve(framework: str, name: str, batch: int, half_precision: bool) -> None:
     step()
     seconds = time.perf_counter() - start
     print(json.dumps({'seconds': seconds,
-                      'peak_mib': _max_rss_mib() - rss_before}), flush=True)
+                      'peak_mib': _peak_mib(framework, rss_before)}),
+          flush=True)
 
 
 class Worker:
@@ -343,6 +379,13 @@ def main():
         + (' / torch.compile' if args.torch_compile else '') +
         '; peak MiB: jax' + ('' if args.jax_only else '/torch eager') +
         ('/torch.compile' if args.torch_compile else ''))
+  device = rows[0]['device'] if rows else ''
+  datasheet = datasheet_tflops(device, dtype)
+  if datasheet:
+    print(f'model FLOP utilisation against the {device} datasheet {dtype} '
+          f'peak ({datasheet:.0f} TFLOP/s): ' + ', '.join(
+              f'{r["model"]} {r["gflop_s"] / datasheet / 10:.1f} %'
+              for r in rows))
   if args.pipeline:
     rates = input_pipeline_rate()
     print(f'input pipeline: {rates["decode_resize_img_s"]:.0f} img/s decoded '
