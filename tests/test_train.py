@@ -60,16 +60,25 @@ def four_device_run(awkward_folder, tmp_path_factory):
   return _history_and_results(workdir)
 
 
+# Different device counts reduce in different orders, so float rounding
+# differs: after two epochs, a test loss near 0 (0.026) differed by 1.3e-4
+# between 1 and 4 devices, the train loss by 1.5e-5 relative. BatchNorm
+# statistics left unaveraged over devices changed the first epoch's train
+# loss by 80 %.
+_SAME_RUN_TOLERANCE = dict(rtol=1e-4, atol=5e-4)
+
+
 def _assert_same_run(got, expected):
   (h, r), (h_expected, r_expected) = got, expected
   assert r['num_test_examples'] == r_expected['num_test_examples'] == 37
   assert [e['epoch'] for e in h] == [e['epoch'] for e in h_expected]
   for e, e_expected in zip(h, h_expected, strict=True):
     for key in LOSS_KEYS:
-      np.testing.assert_allclose(e[key], e_expected[key], rtol=1e-5,
-                                 err_msg=key)
+      np.testing.assert_allclose(e[key], e_expected[key], err_msg=key,
+                                 **_SAME_RUN_TOLERANCE)
   for key in ('test_loss', 'test_accuracy'):
-    np.testing.assert_allclose(r[key], r_expected[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_allclose(r[key], r_expected[key], err_msg=key,
+                               **_SAME_RUN_TOLERANCE)
 
 
 def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
