@@ -65,6 +65,7 @@ DATASHEET_TFLOPS = {
     'NVIDIA H100 PCIe': {'bfloat16': 756.0},
     'NVIDIA H100 NVL': {'bfloat16': 835.5},
     'NVIDIA H200': {'bfloat16': 989.4},
+    'NVIDIA H200 NVL': {'bfloat16': 835.5},
     'NVIDIA A100': {'bfloat16': 312.0},
 }
 

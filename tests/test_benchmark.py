@@ -67,7 +67,7 @@ def test_jaxlab_side_runs_without_tensorflow(tmp_path):
 
 @pytest.mark.parametrize('device_kind,peak', [
     ('NVIDIA H100 80GB HBM3', 989.4), ('NVIDIA H100 PCIe', 756.0),
-    ('NVIDIA H200', 989.4), ('cpu', None), ('TPU v5 lite', None)])
+    ('NVIDIA H200', 989.4), ('NVIDIA H200 NVL', 835.5), ('cpu', None), ('TPU v5 lite', None)])
 def test_datasheet_peak_takes_the_longest_matching_name(device_kind, peak):
   from benchmarks import train_step
   assert train_step.datasheet_tflops(device_kind, 'bfloat16') == peak
