@@ -376,11 +376,11 @@ def main():
           f'{torch_rates or "-"} | {r["ratio"]:.2f} | {r["gflop_s"]:.1f} | '
           f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | {peaks}',
           flush=True)
-  print(f'device: {rows[0]["device"] if rows else "-"}; PyTorch img/s: eager'
+  device = rows[0]['device'] if rows else '-'
+  print(f'device: {device}; PyTorch img/s: eager'
         + (' / torch.compile' if args.torch_compile else '') +
         '; peak MiB: jax' + ('' if args.jax_only else '/torch eager') +
         ('/torch.compile' if args.torch_compile else ''))
-  device = rows[0]['device'] if rows else ''
   datasheet = datasheet_tflops(device, dtype)
   if datasheet:
     print(f'model FLOP utilisation against the {device} datasheet {dtype} '
