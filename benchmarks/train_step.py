@@ -18,8 +18,8 @@ warm-up. Batches are synthetic uint8 images, as the input pipeline
 delivers them; nothing here imports TensorFlow but --pipeline. The table:
 
   model, batch, jaxlab img/s, PyTorch img/s (eager / compiled), ratio
-  (jaxlab / the faster PyTorch), GFLOP/s (jaxlab, FLOPs of the compiled step
-  from XLA's cost analysis), % of peak (the matmul peak measured here, in
+  (jaxlab / the faster PyTorch), GFLOP/s (jaxlab, FLOPs of the step from
+  XLA's cost analysis, convolutions included), % of peak (the matmul peak measured here, in
   float32, or bfloat16 with --half-precision), compile s (jaxlab, ahead of
   time), peak MiB (jaxlab's peak device memory on an accelerator; on a CPU,
   each worker's max RSS growth). On a GPU whose datasheet peak is known
@@ -100,6 +100,24 @@ def _batch(batch, size, channels):
           rng.integers(0, NUM_CLASSES, (batch,)).astype(np.int32))
 
 
+def _step_flops(preprocess, state, device_batch) -> float:
+  """FLOPs of one device's train step, from XLA's cost analysis of the step
+  traced with XLA's own convolutions: XLA counts none inside oneDNN's."""
+  from jaxlab import steps  # pylint: disable=g-import-not-at-top
+  saved = os.environ.get('JAXLAB_ONEDNN')
+  os.environ['JAXLAB_ONEDNN'] = '0'
+  try:
+    p_train, _ = steps.pmapped_steps(preprocess)
+    cost = p_train.lower(state, device_batch).cost_analysis()
+  finally:
+    if saved is None:
+      del os.environ['JAXLAB_ONEDNN']
+    else:
+      os.environ['JAXLAB_ONEDNN'] = saved
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0))
+
+
 def jax_worker(name: str, batch: int, half_precision: bool = False):
   """Builds jaxlab's step; returns a function running one step, and facts."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -117,7 +135,8 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
   state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0),
                                    (size, size, channels))
   state = steps.replicate(state)
-  p_train, _ = steps.pmapped_steps(Preprocess())
+  preprocess = Preprocess()
+  p_train, _ = steps.pmapped_steps(preprocess)
   n_dev = jax.local_device_count()
   if batch % n_dev:
     raise SystemExit(f'error: batch {batch} does not split over {n_dev} '
@@ -126,12 +145,10 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
   device_batch = jax.device_put(
       {'image': images.reshape((n_dev, -1) + images.shape[1:]),
        'label': labels.reshape(n_dev, -1)})
+  flops = _step_flops(preprocess, state, device_batch) * n_dev
   start = time.perf_counter()
   compiled = p_train.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) * n_dev
   holder = {'state': state}
 
   def step():

@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxlab import onednn
+
 
 def _stored(unknown, branch, equivalent_branch, *operands):
   """branch(*operands) inside a conditional, whose operands and result XLA
@@ -195,7 +197,14 @@ def _conv_as_shifted_products(x, kernel):
   return out.astype(dtype)
 
 
+def _uses_onednn(x) -> bool:
+  return (x.dtype == jnp.float32 and jax.default_backend() == 'cpu' and
+          onednn.enabled())
+
+
 def _forward_conv(x, kernel, padding):
+  if _uses_onednn(x):
+    return onednn.conv(x, kernel, padding)
   if (x.shape[-1] > _SHIFTED_PRODUCTS_MAX_CHANNELS or
       jax.default_backend() != 'cpu'):
     return _conv(x, kernel, padding)
@@ -212,9 +221,11 @@ def conv2d(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]]):
   """Stride-1 convolution of NHWC `x` with an HWIO `kernel`.
 
   `padding` is ((top, bottom), (left, right)). Outputs and gradients are
-  `lax.conv_general_dilated`'s (to float rounding, for inputs of up to 4
-  channels, whose forward pass on CPU is a sum of shifted products); the
-  kernel gradient runs faster on CPU.
+  `lax.conv_general_dilated`'s, to float rounding. On CPU, float32
+  convolutions run through oneDNN where it is installed (see
+  `jaxlab.onednn`); otherwise, through XLA with a faster kernel gradient
+  and, for inputs of up to 4 channels, a forward pass written as a sum of
+  shifted products.
   """
   return _forward_conv(x, kernel, padding)
 
@@ -262,6 +273,9 @@ def _conv_kernel_grad(x, g, padding):
 
 def _conv2d_bwd(padding, saved, g):
   x, kernel = saved
+  if _uses_onednn(x):
+    return (onednn.conv_input_grad(g, kernel, x.shape, padding),
+            onednn.conv_kernel_grad(x, g, kernel.shape, padding))
   _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, padding), x)
   return x_vjp(g)[0], _conv_kernel_grad(x, g, padding)
 

@@ -85,8 +85,11 @@ def test_conv_matches_flax_conv(padding):
     (False, None), (True, None),
     # The conditionals' other (equivalent) branches.
     (True, 'cotangent'), (False, 'kernel')])
-def test_conv2d_matches_lax_convolution(padding, channels, stored_transpose,
-                                        nan_in, monkeypatch):
+def test_xla_conv2d_matches_lax_convolution(padding, channels,
+                                            stored_transpose, nan_in,
+                                            monkeypatch):
+  """The path without oneDNN (see test_onednn.py for the other)."""
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
   if stored_transpose:  # The path of large activations.
     monkeypatch.setattr(ops, '_STORED_TRANSPOSE_MIN_SIZE', 0)
   rng = np.random.default_rng(2)

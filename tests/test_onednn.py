@@ -1,0 +1,95 @@
+"""oneDNN's convolutions, called from XLA, give XLA's results; the switch
+and the fallbacks choose the path they say."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import onednn
+from jaxlab import ops
+
+pytestmark = pytest.mark.skipif(
+    not onednn.available(),
+    reason='oneDNN (the onednn-cpu-gomp wheel) is not installed')
+
+_TARGET = 'jaxlab_onednn_convolution'
+
+
+def _plain_conv(x, kernel, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _outputs_and_grads(f, x, kernel, cotangent):
+  out, vjp = jax.vjp(jax.jit(f), x, kernel)
+  return (out, *vjp(cotangent))
+
+
+def _hlo(f, *args) -> str:
+  return jax.jit(f).lower(*args).as_text()
+
+
+@pytest.mark.parametrize('x_shape,kernel_shape,padding', [
+    ((3, 9, 8, 3), (3, 3, 3, 4), ((1, 1), (1, 1))),  # An image's channels.
+    ((2, 11, 10, 16), (3, 3, 16, 32), ((0, 0), (0, 0))),
+    ((2, 7, 9, 5), (3, 3, 5, 6), ((1, 0), (0, 2))),  # Uneven padding.
+    ((1, 6, 6, 8), (5, 5, 8, 3), ((2, 2), (2, 2))),
+    ((2, 5, 4, 7), (1, 1, 7, 9), ((0, 0), (0, 0))),
+    ((1, 4, 4, 64), (3, 3, 64, 64), ((1, 1), (1, 1))),  # VGG's widths.
+])
+def test_onednn_conv2d_matches_lax_convolution(x_shape, kernel_shape,
+                                               padding):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  kernel = rng.normal(size=kernel_shape).astype(np.float32)
+  cotangent = rng.normal(
+      size=_plain_conv(x, kernel, padding).shape).astype(np.float32)
+  ours = lambda v, k: ops.conv2d(v, k, padding)
+  assert _hlo(jax.value_and_grad(lambda v, k: ours(v, k).sum(), (0, 1)), x,
+              kernel).count(_TARGET) == 3  # Forward and both gradients.
+  ours = _outputs_and_grads(ours, x, kernel, cotangent)
+  plain = _outputs_and_grads(lambda v, k: _plain_conv(v, k, padding), x,
+                             kernel, cotangent)
+  for mine, theirs in zip(ours, plain):  # Output, x's and kernel's gradients.
+    # Summed in another order; an element sums up to 9 * 64 products.
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_conv_in_a_train_step_matches_xla(monkeypatch):
+  """One SGD-style update through two convolutions, ReLU and a loss."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(4, 12, 12, 3)).astype(np.float32)
+  kernels = [rng.normal(size=s).astype(np.float32) * 0.3
+             for s in ((3, 3, 3, 8), (3, 3, 8, 8))]
+  pad = ((1, 1), (1, 1))
+
+  def loss(kernels, x):
+    y = jax.nn.relu(ops.conv2d(x, kernels[0], pad))
+    return jnp.mean(ops.conv2d(y, kernels[1], pad) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(kernels, x)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  plain = jax.jit(jax.grad(loss))(kernels, x)
+  for mine, theirs in zip(grads, plain):
+    np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_switch_and_fallbacks(monkeypatch):
+  x = jnp.ones((1, 6, 6, 4))
+  kernel = jnp.ones((3, 3, 4, 2))
+  # A new function each time: the switch is read when a function is traced.
+  conv = lambda: lambda v, k: ops.conv2d(v, k, ((1, 1), (1, 1)))
+  assert onednn.enabled() and _TARGET in _hlo(conv(), x, kernel)
+  # bfloat16 computation (half_precision) stays with XLA.
+  assert _TARGET not in _hlo(conv(), x.astype(jnp.bfloat16),
+                             kernel.astype(jnp.bfloat16))
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  assert not onednn.enabled() and _TARGET not in _hlo(conv(), x, kernel)
+
+
+def test_bad_operand_is_a_clear_error_not_a_crash():
+  x = jnp.ones((1, 6, 6, 4), jnp.float16)
+  kernel = jnp.ones((3, 3, 4, 2), jnp.float16)
+  with pytest.raises(Exception, match='oneDNN convolutions take float32'):
+    jax.block_until_ready(onednn.conv(x, kernel, ((1, 1), (1, 1))))
