@@ -10,21 +10,22 @@
 For each model, one worker process runs jaxlab's own train step (the
 pmapped `jaxlab.steps.train_step` that launch.py uses) and others the same
 model and step in PyTorch: eager (all cores, glibc malloc tuned to keep
-large buffers) and, with --torch-compile, under torch.compile. The parent
+large buffers), eager in the channels-last memory format (models with
+convolutions) and, with --torch-compile, under torch.compile. The parent
 gives them turns, in rotation, so that the machine's noise hits all alike:
 each turn runs --steps-per-turn steps (default 2) and times the last, since
 the first step after another worker's turn runs slower. Medians after
 warm-up. Batches are synthetic uint8 images, as the input pipeline
 delivers them; nothing here imports TensorFlow but --pipeline. The table:
 
-  model, batch, jaxlab img/s, PyTorch img/s (eager / compiled), ratio
-  (jaxlab / the faster PyTorch), GFLOP/s (jaxlab, FLOPs of the step from
-  XLA's cost analysis, convolutions included), % of peak (the matmul peak measured here, in
-  float32, or bfloat16 with --half-precision), compile s (jaxlab, ahead of
-  time), peak MiB (jaxlab's peak device memory on an accelerator; on a CPU,
-  each worker's max RSS growth). On a GPU whose datasheet peak is known
-  (DATASHEET_TFLOPS), the table is followed by each model's FLOP utilisation
-  against that peak.
+  model, batch, jaxlab img/s, PyTorch img/s (eager / channels-last /
+  compiled), ratio (jaxlab / the fastest PyTorch), GFLOP/s (jaxlab, FLOPs
+  of the step from XLA's cost analysis, convolutions included), % of peak
+  (the matmul peak measured here, in float32, or bfloat16 with
+  --half-precision), compile s (jaxlab, ahead of time), peak MiB (jaxlab's
+  peak device memory on an accelerator; on a CPU, each worker's max RSS
+  growth). On a GPU whose datasheet peak is known (DATASHEET_TFLOPS), the
+  table is followed by each model's FLOP utilisation against that peak.
 """
 
 import argparse
@@ -160,8 +161,12 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
 
 
 def torch_worker(name: str, batch: int, use_compile: bool,
-                 half_precision: bool = False):
+                 half_precision: bool = False, channels_last: bool = False):
   """The same model and SGD step in PyTorch; returns a one-step function.
+
+  With `channels_last`, the model's and the images' memory format is
+  channels-last, in which oneDNN runs convolutions on wide images faster
+  (cnn_bn's 16-channel layer at 180 x 180: 249 against 555 ms).
 
   Like jaxlab's step, it computes the step's loss, accuracy and gradient
   norm (the metrics jaxlab logs), not the loss alone.
@@ -186,10 +191,14 @@ def torch_worker(name: str, batch: int, use_compile: bool,
   else:
     model = getattr(torch_models, kind)(NUM_CLASSES, channels, size)
   model.train()
+  memory_format = (torch.channels_last if channels_last else
+                   torch.contiguous_format)
+  model = model.to(memory_format=memory_format)
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.SGD(params, lr=0.001, momentum=0.9)
   images, labels = _batch(batch, size, channels)
-  images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(
+      memory_format=memory_format)
   labels = torch.from_numpy(labels).long()
 
   def train_step():
@@ -218,7 +227,8 @@ def serve(framework: str, name: str, batch: int, half_precision: bool) -> None:
     step, info = jax_worker(name, batch, half_precision)
   else:
     step, info = torch_worker(name, batch, framework == 'torch_compile',
-                              half_precision)
+                              half_precision,
+                              framework == 'torch_channels_last')
   print(json.dumps(info), flush=True)
   for line in sys.stdin:
     if line.strip() == 'quit':
@@ -297,7 +307,11 @@ def benchmark_model(name, args):
   env = dict(os.environ)
   frameworks = ['jax']
   if not args.jax_only:
-    frameworks += ['torch'] + (['torch_compile'] if args.torch_compile else [])
+    frameworks.append('torch')
+    if MODELS[name][0]['name'] != 'fc':  # Convolutions: both layouts.
+      frameworks.append('torch_channels_last')
+    if args.torch_compile:
+      frameworks.append('torch_compile')
   workers = {f: Worker(f, name, args,
                        env if f == 'jax' else {**env, **TORCH_MALLOC})
              for f in frameworks}
@@ -371,7 +385,9 @@ def main():
                       help='steps each framework runs per turn; the last is '
                       'timed')
   parser.add_argument('--pipeline', action='store_true')
-  parser.add_argument('--worker', choices=('jax', 'torch', 'torch_compile'))
+  parser.add_argument('--worker', choices=('jax', 'torch',
+                                          'torch_channels_last',
+                                          'torch_compile'))
   args = parser.parse_args()
   if args.worker:
     serve(args.worker, args.models, args.batch, args.half_precision)
@@ -394,10 +410,11 @@ def main():
           f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | {peaks}',
           flush=True)
   device = rows[0]['device'] if rows else '-'
-  print(f'device: {device}; PyTorch img/s: eager'
-        + (' / torch.compile' if args.torch_compile else '') +
-        '; peak MiB: jax' + ('' if args.jax_only else '/torch eager') +
-        ('/torch.compile' if args.torch_compile else ''))
+  compiled = ' / torch.compile' if args.torch_compile else ''
+  print(f'device: {device}; PyTorch img/s: eager / eager channels-last '
+        f'(convolutional models){compiled}; peak MiB: jax'
+        + ('' if args.jax_only else '/torch eager/channels-last') +
+        compiled.replace(' / ', '/'))
   datasheet = datasheet_tflops(device, dtype)
   if datasheet:
     print(f'model FLOP utilisation against the {device} datasheet {dtype} '

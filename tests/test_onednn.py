@@ -93,3 +93,13 @@ def test_bad_operand_is_a_clear_error_not_a_crash():
   kernel = jnp.ones((3, 3, 4, 2), jnp.float16)
   with pytest.raises(Exception, match='oneDNN convolutions take float32'):
     jax.block_until_ready(onednn.conv(x, kernel, ((1, 1), (1, 1))))
+
+
+@pytest.mark.parametrize('kind', [onednn.FORWARD, onednn.INPUT_GRAD,
+                                  onednn.KERNEL_GRAD])
+def test_onednn_picks_an_optimised_implementation(kind):
+  """Not oneDNN's reference loops ('ref:...'), which are many times slower:
+  that would mean the layouts asked for have no fast implementation."""
+  convolution = onednn._convolution(kind, (2, 20, 20, 16), (3, 3, 16, 32),
+                                    ((1, 1), (1, 1)))
+  assert not convolution.implementation().startswith('ref')
