@@ -368,6 +368,10 @@ class _Convolution:
   def __call__(self, first: int, second: int, result: int) -> None:
     """forward: (x, kernel) -> y; input_grad: (dy, kernel) -> dx;
     kernel_grad: (x, dy) -> dkernel; all data pointers."""
+    with _one_at_a_time:
+      self._run(first, second, result)
+
+  def _run(self, first: int, second: int, result: int) -> None:
     blocked, blocked_data = _aligned_buffer(self.blocked_kernel_size)
     kernel = (self.blocked_kernel, blocked_data)
     if self.kind == FORWARD:
@@ -388,6 +392,9 @@ class _Convolution:
 
 
 _convolutions: dict = {}
+# One convolution runs at a time: each already uses every core (OpenMP), and
+# XLA runs independent operations at once (an input and a kernel gradient).
+_one_at_a_time = threading.Lock()
 _convolutions_lock = threading.Lock()
 
 
@@ -484,6 +491,9 @@ def enabled() -> bool:
 
 
 def _call(kind, result_shape, first, second, padding):
+  if not available():  # Also registers the handlers, on the first call.
+    raise RuntimeError('oneDNN is not available: install the '
+                       'onednn-cpu-gomp wheel (requirements.txt)')
   (top, bottom), (left, right) = padding
   return jax.ffi.ffi_call(
       _target(kind), jax.ShapeDtypeStruct(result_shape, first.dtype))(
