@@ -5,6 +5,8 @@ a temporary folder and renames it when complete, so a run killed mid-save
 leaves the previous checkpoint intact.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +38,8 @@ class Checkpoints:
 
   def __init__(self, directory: str, every_epochs: int = 1, keep: int = 3):
     self._manager = ocp.CheckpointManager(
-        directory,
+        # orbax writes arrays only under an absolute path.
+        os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every_epochs, max_to_keep=keep, create=True))
 

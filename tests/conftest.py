@@ -63,10 +63,12 @@ def _check_exit(args, returncode: int, stderr: str) -> None:
 
 
 def run_launch(*args: str, devices: int = 1, timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-  """Runs launch.py with `devices` fake CPU devices; returns the process."""
+               check: bool = True, cwd: str = ROOT
+               ) -> subprocess.CompletedProcess:
+  """Runs launch.py with `devices` fake CPU devices, from `cwd`; returns the
+  process."""
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=ROOT,
+      [sys.executable, os.path.join(ROOT, 'launch.py'), *args], cwd=cwd,
       env=_launch_env(devices), capture_output=True, text=True,
       timeout=timeout)
   if check:

@@ -96,6 +96,16 @@ def test_one_short_epoch(config, data_folders, small_vgg16_weights, tmp_path):
   assert len(records.read_history(workdir)) == 1
 
 
+def test_relative_workdir(data_folders, small_vgg16_weights, tmp_path):
+  """README's first command passes a workdir relative to the current
+  directory (orbax needs absolute checkpoint paths)."""
+  config = 'configs/cnn_bn.py'
+  args, _ = _family_args(config, data_folders, small_vgg16_weights)
+  run_launch('--config', os.path.join(ROOT, config), '--workdir',
+             os.path.join('runs', 'cnn_bn'), *args, cwd=str(tmp_path))
+  assert records.read_results(str(tmp_path / 'runs' / 'cnn_bn'))['epochs'] == 1
+
+
 @pytest.mark.parametrize('config', CONFIGS)
 def test_summary(config):
   out = run_launch('--config', config, '--summary').stdout.splitlines()
