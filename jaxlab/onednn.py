@@ -13,7 +13,8 @@ oneDNN comes from the `onednn-cpu-gomp` wheel (oneDNN 3.2, OpenMP threads;
 Linux x86-64 only). `enabled()` says whether `jaxlab.ops` uses it: where it
 did not load, or with JAXLAB_ONEDNN=0 in the environment (read when a step
 is traced), convolutions are XLA's. Arrays are float32, NHWC inputs and HWIO
-kernels, stride 1, any padding.
+kernels, stride 1, padding of zero or more. Not differentiable twice and no
+`vmap` rule beyond a loop: `ops.conv2d` gives first-order gradients.
 """
 
 import ctypes
@@ -188,18 +189,16 @@ def _engine() -> ctypes.c_void_p:
   return engine
 
 
-_thread_state = threading.local()
-
-
+@functools.cache
 def _stream() -> ctypes.c_void_p:
-  """This thread's oneDNN stream (XLA calls from several threads)."""
-  if not hasattr(_thread_state, 'stream'):
-    stream = ctypes.c_void_p()
-    _check(_library().dnnl_stream_create(ctypes.byref(stream), _engine(),
-                                         _DNNL_STREAM_IN_ORDER),
-           'dnnl_stream_create')
-    _thread_state.stream = stream
-  return _thread_state.stream
+  """The one oneDNN stream: convolutions run one at a time (see
+  `_one_at_a_time`). A thread-local one would not do: XLA calls from its own
+  threads, whose Python thread state (and thread-locals) last one call."""
+  stream = ctypes.c_void_p()
+  _check(_library().dnnl_stream_create(ctypes.byref(stream), _engine(),
+                                       _DNNL_STREAM_IN_ORDER),
+         'dnnl_stream_create')
+  return stream
 
 
 def _memory_desc(dims, tag: int) -> ctypes.c_void_p:
@@ -445,20 +444,22 @@ def _handler(kind: str):
 
   def handle(frame_pointer):
     frame = frame_pointer.contents
-    extension = frame.extension_start
-    if extension and extension.contents.type == _FFI_EXTENSION_METADATA:
-      # XLA asks which FFI version the handler speaks before it registers.
-      metadata = ctypes.cast(extension, ctypes.POINTER(
-          _FfiMetadataExtension)).contents.metadata.contents
-      version = metadata.api_version
-      version.major_version, version.minor_version = _FFI_API_VERSION
-      metadata.traits = 0
-      return None
     try:
+      extension = frame.extension_start
+      if extension and extension.contents.type == _FFI_EXTENSION_METADATA:
+        # XLA asks which FFI version the handler speaks before it registers.
+        metadata = ctypes.cast(extension, ctypes.POINTER(
+            _FfiMetadataExtension)).contents.metadata.contents
+        version = metadata.api_version
+        version.major_version, version.minor_version = _FFI_API_VERSION
+        metadata.traits = 0
+        return None
       _run(kind, frame)
-    except Exception as e:  # pylint: disable=broad-exception-caught
-      # An exception must not cross into XLA; XLA reports the error.
-      return _error(frame, f'jaxlab oneDNN {kind} convolution: {e}')
+    except BaseException as e:  # pylint: disable=broad-exception-caught
+      # Nothing may cross into XLA (a KeyboardInterrupt included, which
+      # would leave the returned error undefined); XLA reports the error.
+      return _error(frame, f'jaxlab oneDNN {kind} convolution: '
+                           f'{type(e).__name__}: {e}')
     return None
 
   return _FfiHandler(handle)
@@ -471,16 +472,20 @@ def _target(kind: str) -> str:
   return f'jaxlab_onednn_convolution_{kind}'
 
 
-@functools.cache
+_registration_lock = threading.Lock()
+
+
 def available() -> bool:
   """Whether oneDNN loaded; registers the FFI targets the first time."""
   if _library() is None:
     return False
-  for kind in (FORWARD, INPUT_GRAD, KERNEL_GRAD):
-    _handlers[kind] = _handler(kind)  # Kept alive: XLA holds the pointer.
-    jax.ffi.register_ffi_target(_target(kind),
-                                jax.ffi.pycapsule(_handlers[kind]),
-                                platform='cpu')
+  with _registration_lock:  # Tracing threads must not register twice.
+    for kind in (FORWARD, INPUT_GRAD, KERNEL_GRAD):
+      if kind not in _handlers:
+        _handlers[kind] = _handler(kind)  # Kept alive: XLA holds it.
+        jax.ffi.register_ffi_target(_target(kind),
+                                    jax.ffi.pycapsule(_handlers[kind]),
+                                    platform='cpu')
   return True
 
 
@@ -496,7 +501,8 @@ def _call(kind, result_shape, first, second, padding):
                        'onednn-cpu-gomp wheel (requirements.txt)')
   (top, bottom), (left, right) = padding
   return jax.ffi.ffi_call(
-      _target(kind), jax.ShapeDtypeStruct(result_shape, first.dtype))(
+      _target(kind), jax.ShapeDtypeStruct(result_shape, first.dtype),
+      vmap_method='sequential')(
           first, second,
           padding=np.array([top, bottom, left, right], np.int64))
 

@@ -197,13 +197,14 @@ def _conv_as_shifted_products(x, kernel):
   return out.astype(dtype)
 
 
-def _uses_onednn(x) -> bool:
-  return (x.dtype == jnp.float32 and jax.default_backend() == 'cpu' and
-          onednn.enabled())
+def _uses_onednn(x, padding) -> bool:
+  # Negative padding (cropping) is XLA's only.
+  return (x.dtype == jnp.float32 and min(min(padding)) >= 0 and
+          jax.default_backend() == 'cpu' and onednn.enabled())
 
 
 def _forward_conv(x, kernel, padding):
-  if _uses_onednn(x):
+  if _uses_onednn(x, padding):
     return onednn.conv(x, kernel, padding)
   if (x.shape[-1] > _SHIFTED_PRODUCTS_MAX_CHANNELS or
       jax.default_backend() != 'cpu'):
@@ -211,7 +212,10 @@ def _forward_conv(x, kernel, padding):
   # Stored: fused into its consumers instead, the sum would be recomputed by
   # each (a max-pool reads every element several times). The kernel decides
   # the predicate: a padded x's first element is a constant XLA sees.
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  # lax.pad: negative padding crops, as in the convolution's own padding.
+  xp = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                   ((0, 0, 0), *((lo, hi, 0) for lo, hi in padding),
+                    (0, 0, 0)))
   return _stored(kernel, _conv_as_shifted_products,
                  lambda v, k: _conv(v, k, ((0, 0), (0, 0))), xp, kernel)
 
@@ -273,7 +277,7 @@ def _conv_kernel_grad(x, g, padding):
 
 def _conv2d_bwd(padding, saved, g):
   x, kernel = saved
-  if _uses_onednn(x):
+  if _uses_onednn(x, padding):
     return (onednn.conv_input_grad(g, kernel, x.shape, padding),
             onednn.conv_kernel_grad(x, g, kernel.shape, padding))
   _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, padding), x)

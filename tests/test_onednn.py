@@ -84,8 +84,24 @@ def test_switch_and_fallbacks(monkeypatch):
   # bfloat16 computation (half_precision) stays with XLA.
   assert _TARGET not in _hlo(conv(), x.astype(jnp.bfloat16),
                              kernel.astype(jnp.bfloat16))
+  # Negative padding (cropping) too.
+  cropping = lambda v, k: ops.conv2d(v, k, ((-1, 0), (0, 1)))
+  assert _TARGET not in _hlo(cropping, x, kernel)
+  np.testing.assert_allclose(cropping(x, kernel),
+                             _plain_conv(x, kernel, ((-1, 0), (0, 1))))
   monkeypatch.setenv('JAXLAB_ONEDNN', '0')
   assert not onednn.enabled() and _TARGET not in _hlo(conv(), x, kernel)
+
+
+def test_vmap_runs_the_convolution_per_example():
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 2, 7, 7, 4)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, 4, 5)).astype(np.float32)
+  pad = ((1, 1), (1, 1))
+  batched = jax.jit(jax.vmap(lambda v: ops.conv2d(v, kernel, pad)))(x)
+  np.testing.assert_allclose(
+      batched, np.stack([_plain_conv(v, kernel, pad) for v in x]),
+      rtol=1e-5, atol=1e-4)
 
 
 def test_bad_operand_is_a_clear_error_not_a_crash():
