@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -105,16 +106,9 @@ def _step_flops(preprocess, state, device_batch) -> float:
   """FLOPs of one device's train step, from XLA's cost analysis of the step
   traced with XLA's own convolutions: XLA counts none inside oneDNN's."""
   from jaxlab import steps  # pylint: disable=g-import-not-at-top
-  saved = os.environ.get('JAXLAB_ONEDNN')
-  os.environ['JAXLAB_ONEDNN'] = '0'
-  try:
+  with mock.patch.dict(os.environ, {'JAXLAB_ONEDNN': '0'}):
     p_train, _ = steps.pmapped_steps(preprocess)
     cost = p_train.lower(state, device_batch).cost_analysis()
-  finally:
-    if saved is None:
-      del os.environ['JAXLAB_ONEDNN']
-    else:
-      os.environ['JAXLAB_ONEDNN'] = saved
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get('flops', 0.0))
 

@@ -201,6 +201,16 @@ def _stream() -> ctypes.c_void_p:
   return stream
 
 
+def _output_shape(x_shape, kernel_shape, padding):
+  """The NHWC shape of the stride-1 convolution of `x_shape` (NHWC) with
+  `kernel_shape` (HWIO), `padding` ((top, bottom), (left, right))."""
+  b, height, width, _ = x_shape
+  kh, kw, _, cout = kernel_shape
+  (top, bottom), (left, right) = padding
+  return (b, height + top + bottom - kh + 1, width + left + right - kw + 1,
+          cout)
+
+
 def _memory_desc(dims, tag: int) -> ctypes.c_void_p:
   desc = ctypes.c_void_p()
   _check(_library().dnnl_memory_desc_create_with_tag(
@@ -223,6 +233,14 @@ def _user_scratchpad_attr() -> ctypes.c_void_p:
   _check(_library().dnnl_primitive_attr_set_scratchpad_mode(
       attr, _SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
   return attr
+
+
+def _primitive(primitive_desc) -> ctypes.c_void_p:
+  primitive = ctypes.c_void_p()
+  _check(_library().dnnl_primitive_create(ctypes.byref(primitive),
+                                          primitive_desc),
+         'dnnl_primitive_create')
+  return primitive
 
 
 class _Scratchpad:
@@ -280,10 +298,7 @@ class _Reorder:
         _engine(), _user_scratchpad_attr()),
            'dnnl_reorder_primitive_desc_create')
     self.scratchpad = _Scratchpad(self.primitive_desc)
-    self.primitive = ctypes.c_void_p()
-    _check(_library().dnnl_primitive_create(ctypes.byref(self.primitive),
-                                            self.primitive_desc),
-           'dnnl_primitive_create')
+    self.primitive = _primitive(self.primitive_desc)
     self.source, self.destination = source, destination
 
   def __call__(self, source_data: int, destination_data: int) -> None:
@@ -307,10 +322,9 @@ class _Convolution:
     b, height, width, cin = x_shape
     kh, kw, _, cout = kernel_shape
     (top, bottom), (left, right) = padding
-    y_dims = (b, cout, height + top + bottom - kh + 1,
-              width + left + right - kw + 1)
+    _, y_height, y_width, _ = _output_shape(x_shape, kernel_shape, padding)
     self.x = _memory_desc((b, cin, height, width), _TAG_NHWC)
-    self.y = _memory_desc(y_dims, _TAG_NHWC)
+    self.y = _memory_desc((b, cout, y_height, y_width), _TAG_NHWC)
     self.kernel = _memory_desc((cout, cin, kh, kw), _TAG_HWIO)
     any_kernel = _memory_desc((cout, cin, kh, kw), _TAG_ANY)
     geometry = (_Dims(1, 1), _Dims(0, 0), _Dims(top, left),
@@ -342,10 +356,7 @@ class _Convolution:
              'dnnl_convolution_backward_weights_primitive_desc_create')
       kernel_arg = _ARG_DIFF_WEIGHTS
     self.kind = kind
-    self.primitive = ctypes.c_void_p()
-    _check(lib.dnnl_primitive_create(ctypes.byref(self.primitive),
-                                     self.primitive_desc),
-           'dnnl_primitive_create')
+    self.primitive = _primitive(self.primitive_desc)
     self.blocked_kernel = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
         self.primitive_desc, _QUERY_EXEC_ARG_MD, kernel_arg))
     self.blocked_kernel_size = lib.dnnl_memory_desc_get_size(
@@ -510,12 +521,8 @@ def _call(kind, result_shape, first, second, padding):
 def conv(x, kernel, padding):
   """The stride-1 convolution of NHWC float32 `x` with HWIO `kernel`;
   `padding` is ((top, bottom), (left, right))."""
-  (top, bottom), (left, right) = padding
-  b, height, width, _ = x.shape
-  kh, kw, _, cout = kernel.shape
-  shape = (b, height + top + bottom - kh + 1, width + left + right - kw + 1,
-           cout)
-  return _call(FORWARD, shape, x, kernel, padding)
+  return _call(FORWARD, _output_shape(x.shape, kernel.shape, padding), x,
+               kernel, padding)
 
 
 def conv_input_grad(g, kernel, x_shape, padding):
