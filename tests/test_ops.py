@@ -3,6 +3,7 @@ process-wide defaults (XLA flags, malloc) are applied and yield to the user."""
 
 import functools
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -59,6 +60,34 @@ def test_bias_add_matches_plain_addition(shape):
   np.testing.assert_array_equal(ours[0], plain[0])
   for mine, theirs in zip(ours[1](cotangent), plain[1](cotangent)):
     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [
+    (5, 3), (2, 6, 7, 4),
+    (37, 3, 2),  # Prime row count: blocks of one row.
+    (64, 40, 9, 5)])  # Blocks of 32 rows.
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_channel_sums_match_float64_sums(shape, dtype):
+  rng = np.random.default_rng(2)
+  xs = [rng.normal(size=shape).astype(np.float32) + 1 for _ in range(2)]
+  sums = jax.jit(ops._channel_sums)(*(jnp.asarray(x, dtype) for x in xs))
+  assert sums.dtype == jnp.float32
+  exact = [np.asarray(jnp.asarray(x, dtype), np.float64) for x in xs]
+  exact = np.stack([x.reshape(-1, shape[-1]).sum(0) for x in exact])
+  np.testing.assert_allclose(sums, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_channel_sums_store_no_full_size_intermediate():
+  # The sums of x and x * x take one pass over x: XLA neither stores x * x
+  # nor rewrites the reduction into a tree that reads a stored operand.
+  x = jnp.ones((64, 32, 32, 16))
+  hlo = jax.jit(lambda v: ops._channel_sums(v, v * v)).lower(x).compile(
+      ).as_text()
+  entry = [line for line in hlo[hlo.index('ENTRY'):].splitlines()
+           if 'parameter(' not in line]
+  sizes = [int(np.prod([int(d) for d in dims.split(',') if d]))
+           for dims in re.findall(r'= \(?f32\[([\d,]*)\]', '\n'.join(entry))]
+  assert max(sizes) < x.size // 8, sizes
 
 
 @pytest.mark.parametrize('padding', ['VALID', ((1, 1), (1, 1))])
