@@ -30,7 +30,7 @@ def _activation(name: str) -> Callable:
 class Conv(nn.Module):
   """`nn.Conv` with stride 1 (same parameters, names, initialisers and
   results) whose kernel and bias gradients run faster on CPU (see
-  `ops.conv2d`, `ops.bias_add`). Parameters are float32; `dtype` is the
+  `ops.conv2d`). Parameters are float32; `dtype` is the
   dtype of the computation."""
   features: int
   kernel_size: Sequence[int]
@@ -46,9 +46,9 @@ class Conv(nn.Module):
     if isinstance(padding, str):
       padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size,
                                         (1, 1), padding)
-    y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                   tuple(tuple(pair) for pair in padding))
-    return ops.bias_add(y, bias.astype(self.dtype))
+    return ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                      tuple(tuple(pair) for pair in padding),
+                      bias.astype(self.dtype))
 
 
 class BatchNorm(nn.Module):

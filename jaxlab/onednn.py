@@ -6,8 +6,8 @@ faster. cnn_bn's 16 -> 16 channel layer at 180 x 180, batch 64, takes 50,
 49 and 46 ms here for the forward pass, input gradient and kernel gradient,
 against XLA's 282, 90 and 158 ms. This module binds oneDNN's C API with
 ctypes and registers ctypes callbacks as XLA FFI handlers (forward, input
-gradient, kernel gradient): XLA hands them its own buffers, so nothing is
-copied, and nothing needs compiling.
+gradient, kernel and bias gradients): XLA hands them its own buffers, so
+nothing is copied, and nothing needs compiling.
 
 oneDNN comes from the `onednn-cpu-gomp` wheel (oneDNN 3.2, OpenMP threads;
 Linux x86-64 only). `enabled()` says whether `jaxlab.ops` uses it: where it
@@ -32,6 +32,7 @@ _DNNL_F32 = 3
 _DNNL_CPU = 1
 _DNNL_STREAM_IN_ORDER = 1
 _TAG_ANY = 1
+_TAG_A = 2  # dnnl_a: a vector (the bias)
 _TAG_NHWC = 22  # dnnl_acdb for dims [N, C, H, W]
 _TAG_HWIO = 28  # dnnl_cdba for dims [O, I, H, W]
 _FORWARD_TRAINING = 64
@@ -47,6 +48,7 @@ _ARG_SCRATCHPAD = 80
 _ARG_DIFF_SRC = 129
 _ARG_DIFF_DST = 145
 _ARG_DIFF_WEIGHTS = 161
+_ARG_DIFF_BIAS = 169
 _MAX_NDIMS = 12
 
 _Dims = ctypes.c_int64 * _MAX_NDIMS
@@ -327,14 +329,16 @@ class _Convolution:
     self.y = _memory_desc((b, cout, y_height, y_width), _TAG_NHWC)
     self.kernel = _memory_desc((cout, cin, kh, kw), _TAG_HWIO)
     any_kernel = _memory_desc((cout, cin, kh, kw), _TAG_ANY)
+    # The kernel gradient computes the bias's too, in the same pass over dy.
+    self.bias = _memory_desc((cout,), _TAG_A) if kind == KERNEL_GRAD else None
     geometry = (_Dims(1, 1), _Dims(0, 0), _Dims(top, left),
                 _Dims(bottom, right))
     lib = _library()
     forward = ctypes.c_void_p()
     _check(lib.dnnl_convolution_forward_primitive_desc_create(
         ctypes.byref(forward), _engine(), _FORWARD_TRAINING,
-        _CONVOLUTION_DIRECT, self.x, any_kernel, None, self.y, *geometry,
-        _user_scratchpad_attr()),
+        _CONVOLUTION_DIRECT, self.x, any_kernel, self.bias, self.y,
+        *geometry, _user_scratchpad_attr()),
            'dnnl_convolution_forward_primitive_desc_create')
     if kind == FORWARD:
       self.primitive_desc = forward
@@ -351,7 +355,7 @@ class _Convolution:
       self.primitive_desc = ctypes.c_void_p()
       _check(lib.dnnl_convolution_backward_weights_primitive_desc_create(
           ctypes.byref(self.primitive_desc), _engine(), _CONVOLUTION_DIRECT,
-          self.x, any_kernel, None, self.y, *geometry, forward,
+          self.x, any_kernel, self.bias, self.y, *geometry, forward,
           _user_scratchpad_attr()),
              'dnnl_convolution_backward_weights_primitive_desc_create')
       kernel_arg = _ARG_DIFF_WEIGHTS
@@ -375,13 +379,14 @@ class _Convolution:
            'dnnl_primitive_desc_query')
     return name.value.decode()
 
-  def __call__(self, first: int, second: int, result: int) -> None:
+  def __call__(self, first: int, second: int, *results: int) -> None:
     """forward: (x, kernel) -> y; input_grad: (dy, kernel) -> dx;
-    kernel_grad: (x, dy) -> dkernel; all data pointers."""
+    kernel_grad: (x, dy) -> (dkernel, dbias); all data pointers."""
     with _one_at_a_time:
-      self._run(first, second, result)
+      self._run(first, second, *results)
 
-  def _run(self, first: int, second: int, result: int) -> None:
+  def _run(self, first: int, second: int, result: int,
+           bias_result: int | None = None) -> None:
     blocked, blocked_data = _aligned_buffer(self.blocked_kernel_size)
     kernel = (self.blocked_kernel, blocked_data)
     if self.kind == FORWARD:
@@ -394,7 +399,8 @@ class _Convolution:
               _ARG_DIFF_SRC: (self.x, result)}
     else:
       args = {_ARG_SRC: (self.x, first), _ARG_DIFF_DST: (self.y, second),
-              _ARG_DIFF_WEIGHTS: kernel}
+              _ARG_DIFF_WEIGHTS: kernel,
+              _ARG_DIFF_BIAS: (self.bias, bias_result)}
     _execute(self.primitive, self.scratchpad, args)
     if self.kind == KERNEL_GRAD:
       self.reorder(blocked_data, result)
@@ -425,11 +431,12 @@ def _buffer(pointer: int):
 
 
 def _run(kind: str, frame: _FfiCallFrame) -> None:
-  """One call: two operand buffers, one result, and the attribute `padding`
-  (int64 [top, bottom, left, right])."""
+  """One call: two operand buffers, one result (the kernel gradient: two),
+  and the attribute `padding` (int64 [top, bottom, left, right])."""
   (first, first_shape), (second, second_shape) = (
       _buffer(frame.args.items[i]) for i in range(2))
-  result, result_shape = _buffer(frame.rets.items[0])
+  results = [_buffer(frame.rets.items[i]) for i in range(frame.rets.size)]
+  result_shape = results[0][1]
   padding = ctypes.cast(frame.attrs.items[0],
                         ctypes.POINTER(_FfiArray)).contents
   top, bottom, left, right = ctypes.cast(
@@ -440,7 +447,7 @@ def _run(kind: str, frame: _FfiCallFrame) -> None:
       KERNEL_GRAD: (first_shape, result_shape)}[kind]
   convolution = _convolution(kind, x_shape, kernel_shape,
                              ((top, bottom), (left, right)))
-  convolution(first, second, result)
+  convolution(first, second, *(data for data, _ in results))
 
 
 def _error(frame: _FfiCallFrame, message: str) -> int:
@@ -506,13 +513,15 @@ def enabled() -> bool:
   return os.environ.get('JAXLAB_ONEDNN', '1') != '0' and available()
 
 
-def _call(kind, result_shape, first, second, padding):
+def _call(kind, result_shapes, first, second, padding):
   if not available():  # Also registers the handlers, on the first call.
     raise RuntimeError('oneDNN is not available: install the '
                        'onednn-cpu-gomp wheel (requirements.txt)')
   (top, bottom), (left, right) = padding
+  results = tuple(jax.ShapeDtypeStruct(shape, first.dtype)
+                  for shape in result_shapes)
   return jax.ffi.ffi_call(
-      _target(kind), jax.ShapeDtypeStruct(result_shape, first.dtype),
+      _target(kind), results if len(results) > 1 else results[0],
       vmap_method='sequential')(
           first, second,
           padding=np.array([top, bottom, left, right], np.int64))
@@ -521,15 +530,16 @@ def _call(kind, result_shape, first, second, padding):
 def conv(x, kernel, padding):
   """The stride-1 convolution of NHWC float32 `x` with HWIO `kernel`;
   `padding` is ((top, bottom), (left, right))."""
-  return _call(FORWARD, _output_shape(x.shape, kernel.shape, padding), x,
+  return _call(FORWARD, [_output_shape(x.shape, kernel.shape, padding)], x,
                kernel, padding)
 
 
 def conv_input_grad(g, kernel, x_shape, padding):
   """The gradient of `conv` with respect to x, for output gradient `g`."""
-  return _call(INPUT_GRAD, x_shape, g, kernel, padding)
+  return _call(INPUT_GRAD, [x_shape], g, kernel, padding)
 
 
 def conv_kernel_grad(x, g, kernel_shape, padding):
-  """The gradient of `conv` with respect to its kernel."""
-  return _call(KERNEL_GRAD, kernel_shape, x, g, padding)
+  """The gradients of `conv` followed by a bias over the output channels
+  with respect to the kernel and the bias: (dkernel, dbias)."""
+  return _call(KERNEL_GRAD, [kernel_shape, kernel_shape[-1:]], x, g, padding)

@@ -8,11 +8,12 @@ elementwise from it (fusable), with the same semantics: each window's
 gradient goes to its first maximum in row-major order, as select_and_scatter
 (and PyTorch) route it.
 
-`bias_add`: a bias whose gradient reduces in stages (see `_channel_sums`).
-
-`conv2d`: a stride-1 convolution whose kernel gradient transposes its input
-the fast way (see `_conv_kernel_grad`), and whose forward pass on inputs of
-up to 4 channels is a fused sum of shifted products (see `_forward_conv`).
+`conv2d`: a stride-1 convolution and its bias. On CPU, through oneDNN (see
+`jaxlab.onednn`), whose kernel gradient computes the bias's in the same pass;
+elsewhere, through XLA, with a kernel gradient that transposes its input the
+fast way (see `_conv_kernel_grad`), a forward pass on inputs of up to 4
+channels written as a fused sum of shifted products (see `_forward_conv`),
+and a bias gradient that reduces in stages (see `_channel_sums`).
 
 `batch_norm`: BatchNorm's training-mode normalisation, whose statistics and
 gradients reduce over the batch in stages, each pair of sums in one pass
@@ -183,23 +184,6 @@ def _channel_sums(*xs):
                     for p in partial_sums])
 
 
-@jax.custom_vjp
-def bias_add(x, bias):
-  """x + bias over the last axis, with a fast bias gradient on CPU."""
-  return x + bias
-
-
-def _bias_add_fwd(x, bias):
-  return x + bias, None
-
-
-def _bias_add_bwd(_, g):
-  return g, _channel_sums(g)[0].astype(g.dtype)
-
-
-bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
-
-
 _CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -255,22 +239,30 @@ def _forward_conv(x, kernel, padding):
                  lambda v, k: _conv(v, k, ((0, 0), (0, 0))), xp, kernel)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]]):
-  """Stride-1 convolution of NHWC `x` with an HWIO `kernel`.
+def conv2d(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]],
+           bias=None):
+  """Stride-1 convolution of NHWC `x` with an HWIO `kernel`, plus `bias`
+  (over the output channels; none if None).
 
   `padding` is ((top, bottom), (left, right)). Outputs and gradients are
-  `lax.conv_general_dilated`'s, to float rounding. On CPU, float32
-  convolutions run through oneDNN where it is installed (see
+  `lax.conv_general_dilated`'s (plus the bias), to float rounding. On CPU,
+  float32 convolutions run through oneDNN where it is installed (see
   `jaxlab.onednn`); otherwise, through XLA with a faster kernel gradient
   and, for inputs of up to 4 channels, a forward pass written as a sum of
   shifted products.
   """
-  return _forward_conv(x, kernel, padding)
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1:], x.dtype)
+  return _conv2d(x, kernel, bias, padding)
 
 
-def _conv2d_fwd(x, kernel, padding):
-  return _forward_conv(x, kernel, padding), (x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv2d(x, kernel, bias, padding):
+  return _forward_conv(x, kernel, padding) + bias
+
+
+def _conv2d_fwd(x, kernel, bias, padding):
+  return _conv2d(x, kernel, bias, padding), (x, kernel)
 
 
 def _channels_first(x):
@@ -314,12 +306,13 @@ def _conv2d_bwd(padding, saved, g):
   x, kernel = saved
   if _uses_onednn(x, padding):
     return (onednn.conv_input_grad(g, kernel, x.shape, padding),
-            onednn.conv_kernel_grad(x, g, kernel.shape, padding))
+            *onednn.conv_kernel_grad(x, g, kernel.shape, padding))
   _, x_vjp = jax.vjp(lambda x: _conv(x, kernel, padding), x)
-  return x_vjp(g)[0], _conv_kernel_grad(x, g, padding)
+  return (x_vjp(g)[0], _conv_kernel_grad(x, g, padding),
+          _channel_sums(g)[0].astype(g.dtype))
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def _batch_means(sums, count: int, axis_name: str | None):

@@ -21,8 +21,8 @@ def _plain_conv(x, kernel, padding):
       x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _outputs_and_grads(f, x, kernel, cotangent):
-  out, vjp = jax.vjp(jax.jit(f), x, kernel)
+def _outputs_and_grads(f, cotangent, *args):
+  out, vjp = jax.vjp(jax.jit(f), *args)
   return (out, *vjp(cotangent))
 
 
@@ -43,15 +43,17 @@ def test_onednn_conv2d_matches_lax_convolution(x_shape, kernel_shape,
   rng = np.random.default_rng(0)
   x = rng.normal(size=x_shape).astype(np.float32)
   kernel = rng.normal(size=kernel_shape).astype(np.float32)
+  bias = rng.normal(size=kernel_shape[-1:]).astype(np.float32)
   cotangent = rng.normal(
       size=_plain_conv(x, kernel, padding).shape).astype(np.float32)
-  ours = lambda v, k: ops.conv2d(v, k, padding)
-  assert _hlo(jax.value_and_grad(lambda v, k: ours(v, k).sum(), (0, 1)), x,
-              kernel).count(_TARGET) == 3  # Forward and both gradients.
-  ours = _outputs_and_grads(ours, x, kernel, cotangent)
-  plain = _outputs_and_grads(lambda v, k: _plain_conv(v, k, padding), x,
-                             kernel, cotangent)
-  for mine, theirs in zip(ours, plain):  # Output, x's and kernel's gradients.
+  ours = lambda v, k, b: ops.conv2d(v, k, padding, b)
+  # The forward pass, x's gradient, and the kernel's and bias's together.
+  assert _hlo(jax.value_and_grad(lambda *a: ours(*a).sum(), (0, 1, 2)), x,
+              kernel, bias).count(_TARGET) == 3
+  ours = _outputs_and_grads(ours, cotangent, x, kernel, bias)
+  plain = _outputs_and_grads(lambda v, k, b: _plain_conv(v, k, padding) + b,
+                             cotangent, x, kernel, bias)
+  for mine, theirs in zip(ours, plain):  # Output, x's, kernel's, bias's.
     # Summed in another order; an element sums up to 9 * 64 products.
     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-4)
 
