@@ -28,7 +28,7 @@ def _outputs_and_grads(f, cotangent, *args):
     ((2, 8, 8, 3), 3, 2, 1), ((2, 7, 9, 4), 3, 2, 1), ((1, 10, 11, 2), 3, 1, 1)])
 @pytest.mark.parametrize('ties,nan_in_cotangent', [
     (False, False), (True, False),
-    (False, True)])  # The tiled gradient's other (equivalent) branch.
+    (False, True)])  # The gradient's other (equivalent) branch.
 def test_max_pool_matches_flax(shape, k, stride, padding, ties,
                                nan_in_cotangent):
   rng = np.random.default_rng(0)
