@@ -65,6 +65,10 @@ def four_device_run(awkward_folder, tmp_path_factory):
 # between 1 and 4 devices, the train loss by 1.5e-5 relative. BatchNorm
 # statistics left unaveraged over devices changed the first epoch's train
 # loss by 80 %.
+# Collectives across processes add the devices' values in another order than
+# within one, with the same effect (2 processes of 2 devices against 1 of 4:
+# the first epoch's train loss differed by 6e-8 relative, the second's by
+# 1.3e-5, the validation loss near 0 by 1.3e-4).
 _OTHER_DEVICE_COUNT_TOLERANCE = dict(rtol=1e-4, atol=5e-4)
 
 
@@ -100,7 +104,8 @@ def test_two_processes_resumed_match_one_process(awkward_folder,
   errs = run_launch_distributed(
       *_small_args(awkward_folder, workdir, epochs=2), processes=2, devices=2)
   assert all('Resumed from the checkpoint of epoch 1' in e for e in errs)
-  _assert_same_run(_history_and_results(workdir), four_device_run)
+  _assert_same_run(_history_and_results(workdir), four_device_run,
+                   **_OTHER_DEVICE_COUNT_TOLERANCE)
 
 
 def _start(args) -> subprocess.Popen:
