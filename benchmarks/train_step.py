@@ -404,11 +404,13 @@ def main():
           f'{100 * r["gflop_s"] / peak:.0f} | {r["compile_s"]:.1f} | {peaks}',
           flush=True)
   device = rows[0]['device'] if rows else '-'
-  compiled = ' / torch.compile' if args.torch_compile else ''
-  print(f'device: {device}; PyTorch img/s: eager / eager channels-last '
-        f'(convolutional models){compiled}; peak MiB: jax'
-        + ('' if args.jax_only else '/torch eager/channels-last') +
-        compiled.replace(' / ', '/'))
+  if args.jax_only:
+    print(f'device: {device}; peak MiB: jax')
+  else:
+    compiled = ' / torch.compile' if args.torch_compile else ''
+    print(f'device: {device}; PyTorch img/s: eager / eager channels-last '
+          f'(convolutional models){compiled}; peak MiB: jax/torch '
+          f'eager/channels-last{compiled.replace(" / ", "/")}')
   datasheet = datasheet_tflops(device, dtype)
   if datasheet:
     print(f'model FLOP utilisation against the {device} datasheet {dtype} '
