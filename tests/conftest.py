@@ -1,4 +1,5 @@
-"""Shared helpers: tiny image folders and launch.py in a subprocess."""
+"""Shared helpers: tiny image folders, launch.py in a subprocess, and
+functions' outputs with their gradients."""
 
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -47,6 +49,12 @@ def make_image_folder(root: str, num_classes: int = 3, per_class: int = 10,
     else:
       write_images(os.path.join(root, f'class{c}'), per_class, c, **kwargs)
   return root
+
+
+def outputs_and_grads(f, cotangent, *args):
+  """f(*args) and the gradients of <f(*args), cotangent> by each of args."""
+  out, vjp = jax.vjp(f, *args)
+  return (out, *vjp(cotangent))
 
 
 def _launch_env(devices: int) -> dict:

@@ -8,6 +8,7 @@ import pytest
 
 from jaxlab import onednn
 from jaxlab import ops
+from tests.conftest import outputs_and_grads
 
 pytestmark = pytest.mark.skipif(
     not onednn.available(),
@@ -19,11 +20,6 @@ _TARGET = 'jaxlab_onednn_convolution'
 def _plain_conv(x, kernel, padding):
   return jax.lax.conv_general_dilated(
       x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-def _outputs_and_grads(f, cotangent, *args):
-  out, vjp = jax.vjp(jax.jit(f), *args)
-  return (out, *vjp(cotangent))
 
 
 def _hlo(f, *args) -> str:
@@ -50,9 +46,10 @@ def test_onednn_conv2d_matches_lax_convolution(x_shape, kernel_shape,
   # The forward pass, x's gradient, and the kernel's and bias's together.
   assert _hlo(jax.value_and_grad(lambda *a: ours(*a).sum(), (0, 1, 2)), x,
               kernel, bias).count(_TARGET) == 3
-  ours = _outputs_and_grads(ours, cotangent, x, kernel, bias)
-  plain = _outputs_and_grads(lambda v, k, b: _plain_conv(v, k, padding) + b,
-                             cotangent, x, kernel, bias)
+  ours = outputs_and_grads(jax.jit(ours), cotangent, x, kernel, bias)
+  plain = outputs_and_grads(
+      jax.jit(lambda v, k, b: _plain_conv(v, k, padding) + b), cotangent, x,
+      kernel, bias)
   for mine, theirs in zip(ours, plain):  # Output, x's, kernel's, bias's.
     # Summed in another order; an element sums up to 9 * 64 products.
     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-4)

@@ -14,11 +14,7 @@ import pytest
 from jaxlab import models
 from jaxlab import ops
 from jaxlab import steps
-
-
-def _outputs_and_grads(f, cotangent, *args):
-  out, vjp = jax.vjp(f, *args)
-  return (out, *vjp(cotangent))
+from tests.conftest import outputs_and_grads
 
 
 @pytest.mark.parametrize('shape,k,stride,padding', [
@@ -41,7 +37,7 @@ def test_max_pool_matches_flax(shape, k, stride, padding, ties,
   cotangent = rng.normal(size=plain(x).shape).astype(np.float32)
   if nan_in_cotangent:
     cotangent[0, 0, 0, 0] = np.nan
-  ours, plain = (_outputs_and_grads(f, cotangent, x) for f in (ours, plain))
+  ours, plain = (outputs_and_grads(f, cotangent, x) for f in (ours, plain))
   np.testing.assert_array_equal(ours[0], plain[0])
   if stride == k:  # Each input in one window: the same gradient, exactly.
     np.testing.assert_array_equal(ours[1], plain[1])
@@ -122,7 +118,7 @@ def test_xla_conv2d_matches_lax_convolution(padding, channels,
     cotangent[0, 0, 0, 0] = np.nan
   if nan_in == 'kernel':
     kernel[0, 0, 0, 0] = np.nan
-  ours, plain = (_outputs_and_grads(jax.jit(f), cotangent, x, kernel, bias)
+  ours, plain = (outputs_and_grads(jax.jit(f), cotangent, x, kernel, bias)
                  for f in (ours, plain))
   if channels <= ops._SHIFTED_PRODUCTS_MAX_CHANNELS and nan_in != 'kernel':
     # Summed in another order than XLA's convolution.
