@@ -51,6 +51,23 @@ class Conv(nn.Module):
                       bias.astype(self.dtype))
 
 
+class Dense(nn.Module):
+  """`nn.Dense` (same parameters, names, initialisers and results) whose
+  input gradient runs faster on CPU (see `ops.dense`). Parameters are
+  float32; `dtype` is the dtype of the computation."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.lecun_normal(),
+                        (x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    y = ops.dense(x.reshape(-1, x.shape[-1]).astype(self.dtype),
+                  kernel.astype(self.dtype), bias.astype(self.dtype))
+    return y.reshape(*x.shape[:-1], self.features)
+
+
 class BatchNorm(nn.Module):
   """`nn.BatchNorm` over all axes but the last, with flax's defaults (fast
   variance, scale and bias; same parameters, `batch_stats`, initialisers and
@@ -114,8 +131,8 @@ class FC(nn.Module):
     act = _activation(self.activation)
     x = _flatten(x)
     for i, width in enumerate(self.hidden):
-      x = act(nn.Dense(width, dtype=self.dtype, name=f'dense{i + 1}')(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+      x = act(Dense(width, dtype=self.dtype, name=f'dense{i + 1}')(x))
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN1(nn.Module):
@@ -148,9 +165,9 @@ class CNN1(nn.Module):
       x = nn.relu(x)
       if i % 2 == 1:
         x = ops.max_pool(x, 3, stride=2, padding=1)
-    x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype,
+    x = nn.relu(Dense(self.hidden, dtype=self.dtype,
                          name='dense1')(_flatten(x)))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN2(nn.Module):
@@ -168,8 +185,8 @@ class CNN2(nn.Module):
   def __call__(self, x, train: bool = False):
     x = _valid_conv_blocks(x, self.channels, convs_per_pool=2,
                            dtype=self.dtype)
-    x = nn.Dense(self.hidden, dtype=self.dtype, name='dense1')(_flatten(x))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = Dense(self.hidden, dtype=self.dtype, name='dense1')(_flatten(x))
+    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class ScratchCNN(nn.Module):
@@ -191,7 +208,7 @@ class ScratchCNN(nn.Module):
                            dtype=self.dtype)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype,
+    return Dense(self.num_classes, dtype=self.dtype,
                     name='head')(_flatten(x))
 
 
@@ -252,11 +269,11 @@ class VGG16(nn.Module):
       index += 1
     x = _flatten(adaptive_avg_pool(x, (7, 7)))
     for index in (0, 3):
-      x = nn.relu(nn.Dense(self.classifier_width, dtype=self.dtype,
+      x = nn.relu(Dense(self.classifier_width, dtype=self.dtype,
                            name=f'classifier.{index}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train,
                      name=f'classifier.{index + 2}')(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype,
+    return Dense(self.num_classes, dtype=self.dtype,
                     name='classifier.6')(x)
 
 

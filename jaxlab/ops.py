@@ -15,6 +15,10 @@ fast way (see `_conv_kernel_grad`), a forward pass on inputs of up to 4
 channels written as a fused sum of shifted products (see `_forward_conv`),
 and a bias gradient that reduces in stages (see `_channel_sums`).
 
+`dense`: a fully connected layer whose input gradient computes the product
+with its operands swapped, the order XLA:CPU runs fast (see
+`_dense_input_grad`).
+
 `batch_norm`: BatchNorm's training-mode normalisation, whose statistics and
 gradients reduce over the batch in stages, each pair of sums in one pass
 (see `_channel_sums`).
@@ -326,6 +330,41 @@ def _conv2d_bwd(padding, saved, g):
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+@jax.custom_vjp
+def dense(x, kernel, bias):
+  """`x @ kernel + bias` for `x` of shape [batch, in], `kernel` [in, out]
+  and `bias` [out]: `nn.Dense`'s result and gradients, to float rounding."""
+  return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ()))) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_input_grad(g, kernel):
+  """g @ kernel.T, [batch, in].
+
+  XLA:CPU runs this product 1.4-7x slower than kernel @ g.T, the same
+  product with its operands swapped (VGG16's first classifier layer at
+  batch 8: 175 against 35 ms). The barrier stops XLA from folding the
+  transpose back into the product; the transpose itself is batch x in.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
+  swapped = jax.lax.dot_general(kernel, g, (((1,), (1,)), ((), ())))
+  return jax.lax.optimization_barrier(swapped).T
+
+
+def _dense_bwd(saved, g):
+  x, kernel = saved
+  return (_dense_input_grad(g, kernel),
+          jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))),
+          jnp.sum(g, axis=0))
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def _batch_means(sums, count: int, axis_name: str | None):

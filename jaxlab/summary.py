@@ -17,7 +17,7 @@ from jaxlab import input_pipeline
 from jaxlab import models
 from jaxlab import optimizers
 
-_COUNTED = (models.Conv, nn.Dense)  # Layers whose mult-adds count.
+_COUNTED = (models.Conv, models.Dense)  # Layers whose mult-adds count.
 
 
 @dataclasses.dataclass

@@ -91,6 +91,26 @@ def test_conv_matches_flax_conv(padding):
                mine, theirs)
 
 
+@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_matches_flax_dense(shape, dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  ours = models.Dense(5, dtype=dtype)
+  plain = nn.Dense(5, dtype=dtype)
+  params = ours.init(jax.random.PRNGKey(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params,
+               plain.init(jax.random.PRNGKey(1), x))
+  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
+  loss = lambda module: lambda p, v: jnp.sum(
+      jnp.sin(module.apply(p, v).astype(jnp.float32)))
+  mine = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1)))(params, x)
+  theirs = jax.jit(jax.value_and_grad(loss(plain), argnums=(0, 1)))(params, x)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=tolerance, atol=tolerance), mine, theirs)
+  assert jax.tree.map(jnp.dtype, mine) == jax.tree.map(jnp.dtype, theirs)
+
+
 @pytest.mark.parametrize('padding', [((0, 0), (0, 0)), ((1, 1), (1, 1)),
                                      ((1, 0), (0, 2))])
 @pytest.mark.parametrize('channels', [3, 5])  # Shifted products up to 4.
