@@ -11,11 +11,37 @@ import re
 from typing import Sequence
 
 import flax.traverse_util
+import jax
+import jax.numpy as jnp
 import optax
 
+from jaxlab import ops
 from jaxlab.errors import UserError
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves together, as `optax.tree.norm`, each leaf's
+  squares summed in one pass (see `ops.sum_of_squares`)."""
+  return jnp.sqrt(sum(ops.sum_of_squares(leaf)
+                      for leaf in jax.tree.leaves(tree)))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm`, with the norm of `global_norm`: updates
+  whose global norm exceeds `max_norm` are scaled down to it."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    clipped = jax.tree.map(
+        lambda t: jnp.where(norm < max_norm, t,
+                            (t / norm.astype(t.dtype)) * max_norm), updates)
+    return clipped, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
 
 
 def rmsprop_momentum(learning_rate: float, alpha: float = 0.99,
@@ -142,6 +168,6 @@ def create_optimizer(optimizer_config, labels) -> optax.GradientTransformation:
   update_rule = rule(optimizer_config.learning_rate, **kwargs)
   clip_norm = optimizer_config.get('grad_clip_norm', 0.0)
   if clip_norm:
-    update_rule = optax.chain(optax.clip_by_global_norm(clip_norm), update_rule)
+    update_rule = optax.chain(clip_by_global_norm(clip_norm), update_rule)
   return optax.multi_transform(
       {TRAINABLE: update_rule, FROZEN: optax.set_to_zero()}, labels)

@@ -95,6 +95,29 @@ def test_frozen_parameters_get_no_update_state_or_clipping_share():
   assert sum(x.size for x in trainable_leaves) == 9
 
 
+def _gradient_tree(scale):
+  rng = np.random.default_rng(4)
+  shapes = {'kernel': (37, 5), 'conv': (3, 3, 2, 4), 'bias': (5,),
+            'scalar': ()}
+  return {k: jnp.asarray(scale * rng.normal(size=s), jnp.float32)
+          for k, s in shapes.items()}
+
+
+def test_global_norm_matches_optax():
+  tree = _gradient_tree(1.0)
+  np.testing.assert_allclose(optimizers.global_norm(tree),
+                             optax.tree.norm(tree), rtol=1e-6)
+
+
+@pytest.mark.parametrize('scale', [0.01, 10.0])  # Under and over the norm.
+def test_clip_by_global_norm_matches_optax(scale):
+  tree = _gradient_tree(scale)
+  ours, _ = optimizers.clip_by_global_norm(1.0).update(tree, None)
+  theirs, _ = optax.clip_by_global_norm(1.0).update(tree, None)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               ours, theirs)
+
+
 def test_bad_names_and_patterns_are_reported():
   labels = optimizers.frozen_mask(_params(), ())
   with pytest.raises(UserError, match=r"optimizer.name='adamw'"):
