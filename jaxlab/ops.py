@@ -1,4 +1,4 @@
-"""Layers whose default XLA lowering is slow on CPU, written to be fast.
+"""Operations whose default XLA lowering is slow on CPU, written to be fast.
 
 `max_pool` (2 x 2 windows in cnn2, scratch_cnn and VGG16; 3 x 3, stride 2,
 padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
@@ -22,6 +22,9 @@ with its operands swapped, the order XLA:CPU runs fast (see
 `batch_norm`: BatchNorm's training-mode normalisation, whose statistics and
 gradients reduce over the batch in stages, each pair of sums in one pass
 (see `_channel_sums`).
+
+`sum_of_squares`: for the gradient norm and its clipping, in one pass over
+each parameter's gradient (see `_channel_sums`).
 """
 
 import functools
