@@ -166,7 +166,7 @@ class CNN1(nn.Module):
       if i % 2 == 1:
         x = ops.max_pool(x, 3, stride=2, padding=1)
     x = nn.relu(Dense(self.hidden, dtype=self.dtype,
-                         name='dense1')(_flatten(x)))
+                      name='dense1')(_flatten(x)))
     return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
@@ -209,7 +209,7 @@ class ScratchCNN(nn.Module):
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return Dense(self.num_classes, dtype=self.dtype,
-                    name='head')(_flatten(x))
+                 name='head')(_flatten(x))
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -270,11 +270,11 @@ class VGG16(nn.Module):
     x = _flatten(adaptive_avg_pool(x, (7, 7)))
     for index in (0, 3):
       x = nn.relu(Dense(self.classifier_width, dtype=self.dtype,
-                           name=f'classifier.{index}')(x))
+                        name=f'classifier.{index}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train,
                      name=f'classifier.{index + 2}')(x)
     return Dense(self.num_classes, dtype=self.dtype,
-                    name='classifier.6')(x)
+                 name='classifier.6')(x)
 
 
 @dataclasses.dataclass(frozen=True)

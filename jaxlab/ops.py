@@ -120,7 +120,8 @@ def _pool_grad(k, stride, padding, shape, first, g):
   b, height, width, c = shape
   ho, wo = first.shape[1:3]
   shifts = -(-k // stride)
-  dx = jnp.zeros((), g.dtype)
+  zero = jnp.zeros((), g.dtype)
+  dx = zero
   for dh in range(shifts):
     for dw in range(shifts):
       # Each (r, r') element's index in window (q - dh, q' - dw); k * k, which
@@ -135,8 +136,7 @@ def _pool_grad(k, stride, padding, shape, first, g):
       shifted_first = jnp.pad(first, shift, constant_values=-1)
       shifted_g = jnp.pad(g, shift)
       dx = dx + jnp.where(shifted_first[:, :, None, :, None, :] == index,
-                          shifted_g[:, :, None, :, None, :],
-                          jnp.zeros((), g.dtype))
+                          shifted_g[:, :, None, :, None, :], zero)
   rows, cols = (ho + shifts - 1) * stride, (wo + shifts - 1) * stride
   dx = dx.reshape(b, rows, cols, c)
   # Rows and columns no window reaches get no gradient.
@@ -226,7 +226,7 @@ def _channel_sums(*xs):
 
 def sum_of_squares(x):
   """The float32 sum of x * x over all of x, in one pass (see
-  `_channel_sums`): VGG16's first classifier kernel takes 12 ms, against
+  `_channel_sums`): VGG16's first classifier kernel takes 16 ms, against
   58 ms as a dot product, which XLA:CPU rewrites into a product stored in
   full and a reduce-window tree over it."""
   x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
