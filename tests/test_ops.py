@@ -76,29 +76,9 @@ def test_sums_store_no_full_size_intermediate(sums):
   assert max(sizes) < x.size // 8, sizes
 
 
-@pytest.mark.parametrize('padding', ['VALID', ((1, 1), (1, 1))])
-def test_conv_matches_flax_conv(padding):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
-  ours = models.Conv(5, (3, 3), padding=padding)
-  plain = nn.Conv(5, (3, 3), padding=padding)
-  params = ours.init(jax.random.PRNGKey(1), x)
-  jax.tree.map(np.testing.assert_array_equal, params,
-               plain.init(jax.random.PRNGKey(1), x))
-  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
-  loss = lambda module: lambda p, v: jnp.sum(jnp.sin(module.apply(p, v)))
-  mine = jax.value_and_grad(loss(ours), argnums=(0, 1))(params, x)
-  theirs = jax.value_and_grad(loss(plain), argnums=(0, 1))(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-5),
-               mine, theirs)
-
-
-@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7)])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_dense_matches_flax_dense(shape, dtype):
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  ours = models.Dense(5, dtype=dtype)
-  plain = nn.Dense(5, dtype=dtype)
+def _assert_layer_matches_flax(ours, plain, x, tolerance=1e-5):
+  """`ours` has `plain`'s parameters at initialisation, and (with non-zero
+  parameters) its outputs and gradients, within `tolerance`, in its dtypes."""
   params = ours.init(jax.random.PRNGKey(1), x)
   jax.tree.map(np.testing.assert_array_equal, params,
                plain.init(jax.random.PRNGKey(1), x))
@@ -107,10 +87,25 @@ def test_dense_matches_flax_dense(shape, dtype):
       jnp.sin(module.apply(p, v).astype(jnp.float32)))
   mine = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1)))(params, x)
   theirs = jax.jit(jax.value_and_grad(loss(plain), argnums=(0, 1)))(params, x)
-  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       a, b, rtol=tolerance, atol=tolerance), mine, theirs)
   assert jax.tree.map(jnp.dtype, mine) == jax.tree.map(jnp.dtype, theirs)
+
+
+@pytest.mark.parametrize('padding', ['VALID', ((1, 1), (1, 1))])
+def test_conv_matches_flax_conv(padding):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
+  _assert_layer_matches_flax(models.Conv(5, (3, 3), padding=padding),
+                             nn.Conv(5, (3, 3), padding=padding), x)
+
+
+@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_matches_flax_dense(shape, dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  _assert_layer_matches_flax(models.Dense(5, dtype=dtype),
+                             nn.Dense(5, dtype=dtype), x,
+                             tolerance=1e-5 if dtype == jnp.float32 else 2e-2)
 
 
 @pytest.mark.parametrize('padding', [((0, 0), (0, 0)), ((1, 1), (1, 1)),
