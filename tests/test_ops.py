@@ -217,7 +217,8 @@ def test_malloc_defaults_yield_to_the_environment(monkeypatch):
   monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
   applied = runtime.apply_malloc_defaults()
   if applied:  # glibc
-    assert applied == {'mmap_max': 0, 'trim_threshold': -1}
+    assert applied == {'mmap_max': 0, 'trim_threshold': -1,
+                       'top_pad': 256 << 20}
   monkeypatch.delenv('MALLOC_ARENA_MAX')
   assert 'arena_max' in runtime.apply_malloc_defaults() or not applied
 
