@@ -73,11 +73,13 @@ class BatchNorm(nn.Module):
   variance, scale and bias; same parameters, `batch_stats`, initialisers and
   results) whose batch statistics and gradients reduce faster on CPU (see
   `ops.batch_norm`). Parameters and statistics are float32; `dtype` is the
-  dtype of the result."""
+  dtype of the result. With `relu`, the result goes through a ReLU, computed
+  with the normalisation (one oneDNN operation on CPU)."""
   use_running_average: bool
   momentum: float = 0.99
   epsilon: float = 1e-5
   axis_name: str | None = None
+  relu: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -90,13 +92,14 @@ class BatchNorm(nn.Module):
     scale = self.param('scale', nn.initializers.ones_init(), features)
     bias = self.param('bias', nn.initializers.zeros_init(), features)
     if self.use_running_average:
-      return ops.normalize(x, ra_mean.value, ra_var.value, scale, bias,
-                           self.epsilon).astype(self.dtype)
+      y = ops.normalize(x, ra_mean.value, ra_var.value, scale, bias,
+                        self.epsilon)
+      return (nn.relu(y) if self.relu else y).astype(self.dtype)
     # As flax's: no averaging over devices, and no update, when initialising.
     initializing = self.is_initializing()
     y, mean, var = ops.batch_norm(
         x, scale, bias, self.epsilon,
-        None if initializing else self.axis_name)
+        None if initializing else self.axis_name, relu=self.relu)
     if not initializing:
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
@@ -160,9 +163,10 @@ class CNN1(nn.Module):
       if self.batch_norm:
         # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
         x = BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, axis_name=self.axis_name,
+                      epsilon=1e-5, axis_name=self.axis_name, relu=True,
                       dtype=self.dtype, name=f'bn{i + 1}')(x)
-      x = nn.relu(x)
+      else:
+        x = nn.relu(x)
       if i % 2 == 1:
         x = ops.max_pool(x, 3, stride=2, padding=1)
     x = nn.relu(Dense(self.hidden, dtype=self.dtype,

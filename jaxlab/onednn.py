@@ -1,20 +1,23 @@
-"""oneDNN's convolutions as XLA:CPU operations.
+"""oneDNN's convolutions and BatchNorm as XLA:CPU operations.
 
 XLA:CPU runs convolutions through Eigen; oneDNN, the library behind
 PyTorch's CPU convolutions, runs this project's layers several times
 faster. cnn_bn's 16 -> 16 channel layer at 180 x 180, batch 64, takes 50,
 49 and 46 ms here for the forward pass, input gradient and kernel gradient,
-against XLA's 282, 90 and 158 ms. This module binds oneDNN's C API with
-ctypes and registers ctypes callbacks as XLA FFI handlers (forward, input
-gradient, kernel and bias gradients): XLA hands them its own buffers, so
-nothing is copied, and nothing needs compiling.
+against XLA's 282, 90 and 158 ms. BatchNorm fused with the ReLU after it
+(normalisation with given statistics, and the training gradient) makes two
+passes over the activations where XLA's fusions make five. This module
+binds oneDNN's C API with ctypes and registers ctypes callbacks as XLA FFI
+handlers: XLA hands them its own buffers, so nothing is copied, and nothing
+needs compiling.
 
 oneDNN comes from the `onednn-cpu-gomp` wheel (oneDNN 3.2, OpenMP threads;
 Linux x86-64 only). `enabled()` says whether `jaxlab.ops` uses it: where it
 did not load, or with JAXLAB_ONEDNN=0 in the environment (read when a step
 is traced), convolutions are XLA's. Arrays are float32, NHWC inputs and HWIO
 kernels, stride 1, padding of zero or more. Not differentiable twice and no
-`vmap` rule beyond a loop: `ops.conv2d` gives first-order gradients.
+`vmap` rule beyond a loop: `ops.conv2d` and `ops.batch_norm` give
+first-order gradients.
 """
 
 import ctypes
@@ -36,19 +39,34 @@ _TAG_A = 2  # dnnl_a: a vector (the bias)
 _TAG_NHWC = 22  # dnnl_acdb for dims [N, C, H, W]
 _TAG_HWIO = 28  # dnnl_cdba for dims [O, I, H, W]
 _FORWARD_TRAINING = 64
+_BACKWARD = 128
 _CONVOLUTION_DIRECT = 1
 _QUERY_IMPL_INFO_STR = 8
+_QUERY_WORKSPACE_MD = 135
 _QUERY_SCRATCHPAD_MD = 136
 _QUERY_EXEC_ARG_MD = 255
 _SCRATCHPAD_MODE_USER = 1
 _ARG_SRC = 1
 _ARG_DST = 17
 _ARG_WEIGHTS = 33
+_ARG_BIAS = 41
+_ARG_MEAN = 49
+_ARG_VARIANCE = 50
+_ARG_SCALE = 51
+_ARG_SHIFT = 52
+_ARG_WORKSPACE = 64
 _ARG_SCRATCHPAD = 80
 _ARG_DIFF_SRC = 129
 _ARG_DIFF_DST = 145
 _ARG_DIFF_WEIGHTS = 161
 _ARG_DIFF_BIAS = 169
+_ARG_DIFF_SCALE = 255
+_ARG_DIFF_SHIFT = 256
+# dnnl_normalization_flags_t
+_USE_GLOBAL_STATS = 0x1
+_USE_SCALE = 0x2
+_USE_SHIFT = 0x4
+_FUSE_NORM_RELU = 0x8
 _MAX_NDIMS = 12
 
 _Dims = ctypes.c_int64 * _MAX_NDIMS
@@ -62,6 +80,7 @@ class _ExecArg(ctypes.Structure):
 
 _FFI_API_VERSION = (0, 3)
 _FFI_EXTENSION_METADATA = 1
+_FFI_DATA_TYPE_U8 = 6
 _FFI_DATA_TYPE_F32 = 11
 _FFI_ERROR_INTERNAL = 13
 
@@ -310,9 +329,23 @@ class _Reorder:
 
 
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 'forward', 'input_grad', 'kernel_grad'
+BATCH_NORM_RELU, BATCH_NORM_RELU_GRAD = 'batch_norm_relu', 'batch_norm_relu_grad'
 
 
-class _Convolution:
+class _Operation:
+  """A oneDNN primitive built for one kind of call and one set of shapes."""
+  primitive_desc: ctypes.c_void_p
+
+  def implementation(self) -> str:
+    """The name of the oneDNN implementation chosen, e.g. 'jit:avx512_core'."""
+    name = ctypes.c_char_p()
+    _check(_library().dnnl_primitive_desc_query(
+        self.primitive_desc, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(name)),
+           'dnnl_primitive_desc_query')
+    return name.value.decode()
+
+
+class _Convolution(_Operation):
   """One oneDNN convolution primitive, for one kind and one set of shapes.
 
   The activations stay in XLA's NHWC layout. The kernel goes through the
@@ -329,8 +362,10 @@ class _Convolution:
     self.y = _memory_desc((b, cout, y_height, y_width), _TAG_NHWC)
     self.kernel = _memory_desc((cout, cin, kh, kw), _TAG_HWIO)
     any_kernel = _memory_desc((cout, cin, kh, kw), _TAG_ANY)
-    # The kernel gradient computes the bias's too, in the same pass over dy.
-    self.bias = _memory_desc((cout,), _TAG_A) if kind == KERNEL_GRAD else None
+    # The forward pass adds the bias as it writes y; the kernel gradient
+    # computes the bias's in the same pass over dy.
+    self.bias = (None if kind == INPUT_GRAD else
+                 _memory_desc((cout,), _TAG_A))
     geometry = (_Dims(1, 1), _Dims(0, 0), _Dims(top, left),
                 _Dims(bottom, right))
     lib = _library()
@@ -371,71 +406,150 @@ class _Convolution:
     else:
       self.reorder = _Reorder(self.kernel, self.blocked_kernel)
 
-  def implementation(self) -> str:
-    """The name of the oneDNN implementation chosen, e.g. 'jit:avx512_core'."""
-    name = ctypes.c_char_p()
-    _check(_library().dnnl_primitive_desc_query(
-        self.primitive_desc, _QUERY_IMPL_INFO_STR, 0, ctypes.byref(name)),
-           'dnnl_primitive_desc_query')
-    return name.value.decode()
-
-  def __call__(self, first: int, second: int, *results: int) -> None:
-    """forward: (x, kernel) -> y; input_grad: (dy, kernel) -> dx;
+  def __call__(self, *data: int) -> None:
+    """forward: (x, kernel, bias) -> y; input_grad: (dy, kernel) -> dx;
     kernel_grad: (x, dy) -> (dkernel, dbias); all data pointers."""
     with _one_at_a_time:
-      self._run(first, second, *results)
+      self._run(*data)
 
-  def _run(self, first: int, second: int, result: int,
-           bias_result: int | None = None) -> None:
+  def _run(self, *data: int) -> None:
     blocked, blocked_data = _aligned_buffer(self.blocked_kernel_size)
     kernel = (self.blocked_kernel, blocked_data)
     if self.kind == FORWARD:
-      self.reorder(second, blocked_data)
-      args = {_ARG_SRC: (self.x, first), _ARG_WEIGHTS: kernel,
-              _ARG_DST: (self.y, result)}
+      x, user_kernel, bias, y = data
+      self.reorder(user_kernel, blocked_data)
+      args = {_ARG_SRC: (self.x, x), _ARG_WEIGHTS: kernel,
+              _ARG_BIAS: (self.bias, bias), _ARG_DST: (self.y, y)}
     elif self.kind == INPUT_GRAD:
-      self.reorder(second, blocked_data)
-      args = {_ARG_DIFF_DST: (self.y, first), _ARG_WEIGHTS: kernel,
-              _ARG_DIFF_SRC: (self.x, result)}
+      dy, user_kernel, dx = data
+      self.reorder(user_kernel, blocked_data)
+      args = {_ARG_DIFF_DST: (self.y, dy), _ARG_WEIGHTS: kernel,
+              _ARG_DIFF_SRC: (self.x, dx)}
     else:
-      args = {_ARG_SRC: (self.x, first), _ARG_DIFF_DST: (self.y, second),
-              _ARG_DIFF_WEIGHTS: kernel,
-              _ARG_DIFF_BIAS: (self.bias, bias_result)}
+      x, dy, dkernel, dbias = data
+      args = {_ARG_SRC: (self.x, x), _ARG_DIFF_DST: (self.y, dy),
+              _ARG_DIFF_WEIGHTS: kernel, _ARG_DIFF_BIAS: (self.bias, dbias)}
     _execute(self.primitive, self.scratchpad, args)
     if self.kind == KERNEL_GRAD:
-      self.reorder(blocked_data, result)
+      self.reorder(blocked_data, dkernel)
     del blocked
 
 
-_convolutions: dict = {}
-# One convolution runs at a time: each already uses every core (OpenMP), and
+class _BatchNormReLU(_Operation):
+  """BatchNorm of NHWC x with statistics given, then a ReLU, in training.
+
+  batch_norm_relu: (x, mean, var, scale, bias) -> (y, workspace): y =
+  max(0, (x - mean) / sqrt(var) * scale + bias); the workspace keeps which
+  elements passed the ReLU. batch_norm_relu_grad: (x, mean, var, scale,
+  workspace, dy) -> (dx, dscale, dbias), the gradients through the batch's
+  statistics too (the mean and variance of x over all axes but the last).
+  `var` includes BatchNorm's epsilon (oneDNN's is 0), so that one primitive
+  serves every epsilon.
+  """
+
+  def __init__(self, kind: str, x_shape):
+    b, height, width, channels = x_shape
+    self.x = _memory_desc((b, channels, height, width), _TAG_NHWC)
+    self.vector = _memory_desc((channels,), _TAG_A)
+    flags = _USE_SCALE | _USE_SHIFT | _FUSE_NORM_RELU
+    lib = _library()
+    # The forward pass normalises with the statistics it is given (the
+    # caller computes them); the gradient takes them too, and
+    # differentiates through them.
+    forward = ctypes.c_void_p()
+    _check(lib.dnnl_batch_normalization_forward_primitive_desc_create(
+        ctypes.byref(forward), _engine(), _FORWARD_TRAINING, self.x, self.x,
+        ctypes.c_float(0.0), flags | _USE_GLOBAL_STATS,
+        _user_scratchpad_attr()),
+           'dnnl_batch_normalization_forward_primitive_desc_create')
+    if kind == BATCH_NORM_RELU:
+      self.primitive_desc = forward
+    else:
+      self.primitive_desc = ctypes.c_void_p()
+      _check(lib.dnnl_batch_normalization_backward_primitive_desc_create(
+          ctypes.byref(self.primitive_desc), _engine(), _BACKWARD, self.x,
+          self.x, self.x, ctypes.c_float(0.0), flags, forward,
+          _user_scratchpad_attr()),
+             'dnnl_batch_normalization_backward_primitive_desc_create')
+    self.kind = kind
+    self.workspace = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
+        self.primitive_desc, _QUERY_WORKSPACE_MD, 0))
+    self.workspace_size = lib.dnnl_memory_desc_get_size(self.workspace)
+    self.primitive = _primitive(self.primitive_desc)
+    self.scratchpad = _Scratchpad(self.primitive_desc)
+
+  def __call__(self, *data: int) -> None:
+    """Operands then results, as data pointers, in the order above."""
+    vector = lambda pointer: (self.vector, pointer)
+    if self.kind == BATCH_NORM_RELU:
+      x, mean, var, scale, bias, y, workspace = data
+      args = {_ARG_SRC: (self.x, x), _ARG_SHIFT: vector(bias),
+              _ARG_DST: (self.x, y)}
+    else:
+      x, mean, var, scale, workspace, dy, dx, dscale, dbias = data
+      args = {_ARG_SRC: (self.x, x), _ARG_DIFF_DST: (self.x, dy),
+              _ARG_DIFF_SRC: (self.x, dx), _ARG_DIFF_SCALE: vector(dscale),
+              _ARG_DIFF_SHIFT: vector(dbias)}
+    args.update({_ARG_MEAN: vector(mean), _ARG_VARIANCE: vector(var),
+                 _ARG_SCALE: vector(scale),
+                 _ARG_WORKSPACE: (self.workspace, workspace)})
+    with _one_at_a_time:
+      _execute(self.primitive, self.scratchpad, args)
+
+
+_operations: dict = {}
+# One operation runs at a time: each already uses every core (OpenMP), and
 # XLA runs independent operations at once (an input and a kernel gradient).
 _one_at_a_time = threading.Lock()
-_convolutions_lock = threading.Lock()
+_operations_lock = threading.Lock()
+
+
+def _operation(cls, *key):
+  """The `cls(*key)` built for the first call with `key`, reused after."""
+  with _operations_lock:
+    if (cls, key) not in _operations:
+      _operations[cls, key] = cls(*key)
+    return _operations[cls, key]
 
 
 def _convolution(kind, x_shape, kernel_shape, padding) -> _Convolution:
-  key = (kind, x_shape, kernel_shape, padding)
-  with _convolutions_lock:
-    if key not in _convolutions:
-      _convolutions[key] = _Convolution(*key)
-    return _convolutions[key]
+  return _operation(_Convolution, kind, x_shape, kernel_shape, padding)
 
 
-def _buffer(pointer: int):
+def _batch_norm_relu(kind, x_shape) -> _BatchNormReLU:
+  return _operation(_BatchNormReLU, kind, x_shape)
+
+
+def _buffer(pointer: int, dtype: int = _FFI_DATA_TYPE_F32):
   buffer = ctypes.cast(pointer, ctypes.POINTER(_FfiBuffer)).contents
-  if buffer.dtype != _FFI_DATA_TYPE_F32:
-    raise ValueError(f'oneDNN convolutions take float32, got XLA FFI data '
-                     f'type {buffer.dtype}')
+  if buffer.dtype != dtype:
+    raise ValueError(f'oneDNN operations take float32 arrays (and uint8 '
+                     f'workspaces), got XLA FFI data type {buffer.dtype}')
   return buffer.data, tuple(buffer.dims[i] for i in range(buffer.rank))
 
 
-def _run(kind: str, frame: _FfiCallFrame) -> None:
-  """One call: two operand buffers, one result (the kernel gradient: two),
-  and the attribute `padding` (int64 [top, bottom, left, right])."""
-  (first, first_shape), (second, second_shape) = (
-      _buffer(frame.args.items[i]) for i in range(2))
-  results = [_buffer(frame.rets.items[i]) for i in range(frame.rets.size)]
+def _buffers(items, count: int, workspace: int | None = None):
+  """The (data, shape) of `count` FFI buffers; item `workspace` is uint8."""
+  return [_buffer(items[i], _FFI_DATA_TYPE_U8 if i == workspace
+                  else _FFI_DATA_TYPE_F32) for i in range(count)]
+
+
+def _run_batch_norm_relu(kind: str, frame: _FfiCallFrame) -> None:
+  """Operands and results as `_BatchNormReLU` lists them."""
+  forward = kind == BATCH_NORM_RELU
+  args = _buffers(frame.args.items, frame.args.size,
+                  None if forward else 4)
+  rets = _buffers(frame.rets.items, frame.rets.size, 1 if forward else None)
+  x_shape = args[0][1]
+  _batch_norm_relu(kind, x_shape)(*(data for data, _ in args + rets))
+
+
+def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
+  """One call: operands and results as `_Convolution` lists them, and the
+  attribute `padding` (int64 [top, bottom, left, right])."""
+  operands = _buffers(frame.args.items, frame.args.size)
+  (first, first_shape), (second, second_shape) = operands[:2]
+  results = _buffers(frame.rets.items, frame.rets.size)
   result_shape = results[0][1]
   padding = ctypes.cast(frame.attrs.items[0],
                         ctypes.POINTER(_FfiArray)).contents
@@ -447,7 +561,7 @@ def _run(kind: str, frame: _FfiCallFrame) -> None:
       KERNEL_GRAD: (first_shape, result_shape)}[kind]
   convolution = _convolution(kind, x_shape, kernel_shape,
                              ((top, bottom), (left, right)))
-  convolution(first, second, *(data for data, _ in results))
+  convolution(*(data for data, _ in operands + results))
 
 
 def _error(frame: _FfiCallFrame, message: str) -> int:
@@ -472,22 +586,28 @@ def _handler(kind: str):
         version.major_version, version.minor_version = _FFI_API_VERSION
         metadata.traits = 0
         return None
-      _run(kind, frame)
+      _RUNNERS[kind](kind, frame)
     except BaseException as e:  # pylint: disable=broad-exception-caught
       # Nothing may cross into XLA (a KeyboardInterrupt included, which
       # would leave the returned error undefined); XLA reports the error.
-      return _error(frame, f'jaxlab oneDNN {kind} convolution: '
+      return _error(frame, f'jaxlab oneDNN {kind}: '
                            f'{type(e).__name__}: {e}')
     return None
 
   return _FfiHandler(handle)
 
 
+_RUNNERS = {FORWARD: _run_convolution, INPUT_GRAD: _run_convolution,
+            KERNEL_GRAD: _run_convolution,
+            BATCH_NORM_RELU: _run_batch_norm_relu,
+            BATCH_NORM_RELU_GRAD: _run_batch_norm_relu}
 _handlers = {}
 
 
 def _target(kind: str) -> str:
-  return f'jaxlab_onednn_convolution_{kind}'
+  if kind in (FORWARD, INPUT_GRAD, KERNEL_GRAD):
+    return f'jaxlab_onednn_convolution_{kind}'
+  return f'jaxlab_onednn_{kind}'
 
 
 _registration_lock = threading.Lock()
@@ -498,7 +618,7 @@ def available() -> bool:
   if _library() is None:
     return False
   with _registration_lock:  # Tracing threads must not register twice.
-    for kind in (FORWARD, INPUT_GRAD, KERNEL_GRAD):
+    for kind in _RUNNERS:
       if kind not in _handlers:
         _handlers[kind] = _handler(kind)  # Kept alive: XLA holds it.
         jax.ffi.register_ffi_target(_target(kind),
@@ -508,38 +628,69 @@ def available() -> bool:
 
 
 def enabled() -> bool:
-  """Whether convolutions on CPU go through oneDNN: it loaded, and
-  $JAXLAB_ONEDNN is not '0'."""
+  """Whether convolutions and BatchNorm on CPU go through oneDNN: it loaded,
+  and $JAXLAB_ONEDNN is not '0'."""
   return os.environ.get('JAXLAB_ONEDNN', '1') != '0' and available()
 
 
-def _call(kind, result_shapes, first, second, padding):
+def _call(kind, results, *operands, **attributes):
+  """Calls `kind` on operands; `results`: ShapeDtypeStructs."""
   if not available():  # Also registers the handlers, on the first call.
     raise RuntimeError('oneDNN is not available: install the '
                        'onednn-cpu-gomp wheel (requirements.txt)')
-  (top, bottom), (left, right) = padding
-  results = tuple(jax.ShapeDtypeStruct(shape, first.dtype)
-                  for shape in result_shapes)
   return jax.ffi.ffi_call(
       _target(kind), results if len(results) > 1 else results[0],
-      vmap_method='sequential')(
-          first, second,
-          padding=np.array([top, bottom, left, right], np.int64))
+      vmap_method='sequential')(*operands, **attributes)
 
 
-def conv(x, kernel, padding):
-  """The stride-1 convolution of NHWC float32 `x` with HWIO `kernel`;
-  `padding` is ((top, bottom), (left, right))."""
-  return _call(FORWARD, [_output_shape(x.shape, kernel.shape, padding)], x,
-               kernel, padding)
+def _call_convolution(kind, result_shapes, padding, *operands):
+  (top, bottom), (left, right) = padding
+  return _call(kind, [jax.ShapeDtypeStruct(shape, operands[0].dtype)
+                      for shape in result_shapes], *operands,
+               padding=np.array([top, bottom, left, right], np.int64))
+
+
+def conv(x, kernel, bias, padding):
+  """The stride-1 convolution of NHWC float32 `x` with HWIO `kernel`, plus
+  `bias` over the output channels; `padding` is ((top, bottom), (left,
+  right))."""
+  return _call_convolution(
+      FORWARD, [_output_shape(x.shape, kernel.shape, padding)], padding, x,
+      kernel, bias)
 
 
 def conv_input_grad(g, kernel, x_shape, padding):
   """The gradient of `conv` with respect to x, for output gradient `g`."""
-  return _call(INPUT_GRAD, [x_shape], g, kernel, padding)
+  return _call_convolution(INPUT_GRAD, [x_shape], padding, g, kernel)
 
 
 def conv_kernel_grad(x, g, kernel_shape, padding):
-  """The gradients of `conv` followed by a bias over the output channels
-  with respect to the kernel and the bias: (dkernel, dbias)."""
-  return _call(KERNEL_GRAD, [kernel_shape, kernel_shape[-1:]], x, g, padding)
+  """The gradients of `conv` with respect to the kernel and the bias:
+  (dkernel, dbias)."""
+  return _call_convolution(KERNEL_GRAD, [kernel_shape, kernel_shape[-1:]],
+                           padding, x, g)
+
+
+def batch_norm_relu(x, mean, var, scale, bias):
+  """max(0, (x - mean) / sqrt(var) * scale + bias) over NHWC float32 `x`'s
+  channels, with statistics given (`var` includes epsilon); returns y and
+  the workspace that `batch_norm_relu_grad` takes."""
+  operation = _batch_norm_relu(BATCH_NORM_RELU, x.shape)
+  return _call(BATCH_NORM_RELU,
+               [jax.ShapeDtypeStruct(x.shape, x.dtype),
+                jax.ShapeDtypeStruct((operation.workspace_size,), np.uint8)],
+               x, mean, var, scale, bias)
+
+
+def batch_norm_relu_grad(x, mean, var, scale, workspace, dy):
+  """The gradients (dx, dscale, dbias) of `batch_norm_relu` in training,
+  where mean and var are x's own batch statistics (dx goes through them)."""
+  size = _batch_norm_relu(BATCH_NORM_RELU_GRAD, x.shape).workspace_size
+  if workspace.shape != (size,):
+    raise ValueError(f'oneDNN BatchNorm gradient: workspace of shape '
+                     f'{workspace.shape}, expected ({size},) for x of shape '
+                     f'{x.shape}, as batch_norm_relu returns it')
+  vector = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+  return _call(BATCH_NORM_RELU_GRAD,
+               [jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector],
+               x, mean, var, scale, workspace, dy)

@@ -1,5 +1,5 @@
-"""oneDNN's convolutions, called from XLA, give XLA's results; the switch
-and the fallbacks choose the path they say."""
+"""oneDNN's convolutions and BatchNorm, called from XLA, give XLA's results;
+the switch and the fallbacks choose the path they say."""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(
     reason='oneDNN (the onednn-cpu-gomp wheel) is not installed')
 
 _TARGET = 'jaxlab_onednn_convolution'
+_BATCH_NORM_TARGET = 'jaxlab_onednn_batch_norm_relu'
 
 
 def _plain_conv(x, kernel, padding):
@@ -106,15 +107,72 @@ def test_vmap_runs_the_convolution_per_example():
 def test_bad_operand_is_a_clear_error_not_a_crash():
   x = jnp.ones((1, 6, 6, 4), jnp.float16)
   kernel = jnp.ones((3, 3, 4, 2), jnp.float16)
-  with pytest.raises(Exception, match='oneDNN convolutions take float32'):
-    jax.block_until_ready(onednn.conv(x, kernel, ((1, 1), (1, 1))))
+  with pytest.raises(Exception, match='oneDNN operations take float32'):
+    jax.block_until_ready(onednn.conv(x, kernel, jnp.ones(2, jnp.float16),
+                                      ((1, 1), (1, 1))))
 
 
 @pytest.mark.parametrize('kind', [onednn.FORWARD, onednn.INPUT_GRAD,
-                                  onednn.KERNEL_GRAD])
+                                  onednn.KERNEL_GRAD, onednn.BATCH_NORM_RELU,
+                                  onednn.BATCH_NORM_RELU_GRAD])
 def test_onednn_picks_an_optimised_implementation(kind):
   """Not oneDNN's reference loops ('ref:...'), which are many times slower:
   that would mean the layouts asked for have no fast implementation."""
-  convolution = onednn._convolution(kind, (2, 20, 20, 16), (3, 3, 16, 32),
+  if kind in (onednn.BATCH_NORM_RELU, onednn.BATCH_NORM_RELU_GRAD):
+    operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16))
+  else:
+    operation = onednn._convolution(kind, (2, 20, 20, 16), (3, 3, 16, 32),
                                     ((1, 1), (1, 1)))
-  assert not convolution.implementation().startswith('ref')
+  assert not operation.implementation().startswith('ref')
+
+
+def _batch_norm_relu_and_grads(x, scale, bias, cotangent):
+  """(y, mean, var) of `ops.batch_norm` with its ReLU, and the gradients
+  of sum(y * cotangent) with respect to x, scale and bias."""
+  def loss(x, scale, bias):
+    y, mean, var = ops.batch_norm(x, scale, bias, 1e-5, relu=True)
+    return jnp.sum(y * cotangent), (y, mean, var)
+  grads, outputs = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(
+      x, scale, bias)
+  return (*outputs, *grads)
+
+
+@pytest.mark.parametrize('shape', [
+    (3, 7, 5, 6), (2, 11, 9, 16),
+    (64, 6, 5, 32)])  # More rows than one thread's share.
+def test_onednn_batch_norm_relu_matches_xla(shape, monkeypatch):
+  rng = np.random.default_rng(4)
+  x = rng.normal(1.5, 2, size=shape).astype(np.float32)
+  scale = rng.uniform(0.5, 1.5, shape[-1:]).astype(np.float32)
+  bias = rng.normal(size=shape[-1:]).astype(np.float32)
+  cotangent = rng.normal(size=shape).astype(np.float32)
+  ours = lambda *a: ops.batch_norm(*a, 1e-5, relu=True)[0].sum()
+  # Both operations, the forward pass and the gradient, are oneDNN's.
+  hlo = _hlo(jax.grad(ours, (0, 1, 2)), x, scale, bias)
+  assert hlo.count(_BATCH_NORM_TARGET) == 2
+  mine = _batch_norm_relu_and_grads(x, scale, bias, cotangent)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = _batch_norm_relu_and_grads(x, scale, bias, cotangent)
+  # y, mean, var; x's gradient (through the statistics), scale's and bias's
+  # (sums over the batch, in another order).
+  for name, a, b in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'), mine,
+                        theirs):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_onednn_batch_norm_only_with_this_devices_statistics():
+  """Statistics averaged over several devices keep XLA's gradient (oneDNN's
+  sums over its own batch); over a single device oneDNN's runs."""
+  x = jnp.ones((2, 3, 4, 5, 6))
+  ours = jax.vmap(
+      lambda v: ops.batch_norm(v, jnp.ones(6), jnp.zeros(6), 1e-5, 'devices',
+                               relu=True)[0],
+      axis_name='devices')
+  assert _BATCH_NORM_TARGET not in _hlo(ours, x)
+  assert _BATCH_NORM_TARGET in _hlo(ours, x[:1])
+  # No ReLU to fuse, other ranks, bfloat16: XLA's.
+  for args in ((x[0], False), (x[0, :, 0], True),
+               (x[0].astype(jnp.bfloat16), True)):
+    plain = lambda v, relu=args[1]: ops.batch_norm(
+        v, jnp.ones(6), jnp.zeros(6), 1e-5, relu=relu)
+    assert _BATCH_NORM_TARGET not in _hlo(plain, args[0])

@@ -148,9 +148,11 @@ def test_xla_conv2d_matches_lax_convolution(padding, channels,
 
 
 @pytest.mark.parametrize('train', [True, False])
-def test_batch_norm_matches_flax(train):
+@pytest.mark.parametrize('relu', [False, True])  # With it: oneDNN's (CPU).
+def test_batch_norm_matches_flax(train, relu):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5, 6)) * 3 + 2
-  ours = models.BatchNorm(use_running_average=not train, momentum=0.9)
+  ours = models.BatchNorm(use_running_average=not train, momentum=0.9,
+                          relu=relu)
   plain = nn.BatchNorm(use_running_average=not train, momentum=0.9,
                        epsilon=1e-5)
   variables = ours.init(jax.random.PRNGKey(1), x)
@@ -161,14 +163,17 @@ def test_batch_norm_matches_flax(train):
       lambda v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(2), v.shape),
       variables)
 
-  def loss(module):
+  def loss(module, activation=lambda y: y):
     def f(params, x):
       y, updates = module.apply({**variables, 'params': params}, x,
                                 mutable=['batch_stats'])
+      y = activation(y)
       return jnp.sum(jnp.sin(y)), (y, updates)
     return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))
 
-  mine, theirs = (loss(m)(variables['params'], x) for m in (ours, plain))
+  mine = loss(ours)(variables['params'], x)
+  theirs = loss(plain, nn.relu if relu else lambda y: y)(variables['params'],
+                                                          x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-5),
                mine, theirs)
