@@ -160,6 +160,23 @@ def test_onednn_batch_norm_relu_matches_xla(shape, monkeypatch):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_onednn_batch_norm_relu_propagates_nan_as_xla(monkeypatch):
+  """A NaN makes its channel's statistics NaN: its outputs and gradients are
+  NaN, not zeroed by the ReLU (a diverged run must show)."""
+  x = np.ones((2, 3, 3, 4), np.float32)
+  x[0, 0, 0, 0] = np.nan
+  bn = lambda v: ops.batch_norm(v, jnp.ones(4), jnp.zeros(4), 1e-5,
+                                relu=True)[0]
+  results = []
+  for flag in ('1', '0'):
+    monkeypatch.setenv('JAXLAB_ONEDNN', flag)
+    results.append([np.isnan(jax.jit(f)(x)) for f in (
+        bn, jax.grad(lambda v: bn(v).sum()))])
+  for nan_at in results:
+    for where in nan_at:  # y, dx: NaN in channel 0 only.
+      assert where[..., 0].all() and not where[..., 1:].any()
+
+
 def test_onednn_batch_norm_only_with_this_devices_statistics():
   """Statistics averaged over several devices keep XLA's gradient (oneDNN's
   sums over its own batch); over a single device oneDNN's runs."""
