@@ -27,11 +27,12 @@ XLA_DEFAULTS = {
 # One arena, no mmap and no trimming keep freed memory for the next step.
 # Cost: the process keeps its peak heap (fc: 1.9 -> 3.4 GiB resident).
 # The heap grows with 256 MiB to spare (address space, resident only once
-# used): small blocks allocated during a step then land in the spare room
-# instead of splitting the hole the step's largest buffer left, which the
-# next step's copy then no longer fits; each such miss grew the heap by that
-# buffer's size, page-faulted (cnn2: 1.3 GiB, +1-3 s that step, up to 5.1
-# instead of 2.4 GiB resident). The environment's MALLOC_* variables win.
+# used): small blocks allocated during a step then split the hole the
+# step's largest buffer left less often (not never); when they do, the
+# next step's copy no longer fits and the heap grows by that buffer's size,
+# page-faulted (cnn2: 1.3 GiB, +1-3 s that step, up to 5.1 instead of
+# 2.4 GiB resident; it grew in 6 of 6 runs without the spare room, 0 of 5
+# with it). The environment's MALLOC_* variables win.
 MALLOC_DEFAULTS = {
     # name: (mallopt parameter, environment variable, value)
     'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),
