@@ -234,7 +234,10 @@ def test_xla_defaults_are_applied_on_import_and_yield_to_the_user(monkeypatch):
   runtime.apply_xla_defaults()
   assert os.environ['XLA_FLAGS'] == (
       '--xla_force_host_platform_device_count=2 '
-      '--xla_cpu_experimental_ynn_fusion_type=')
+      '--xla_cpu_experimental_ynn_fusion_type= '
+      '--xla_cpu_copy_insertion_use_region_analysis=true')
   monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
   runtime.apply_xla_defaults()
-  assert os.environ['XLA_FLAGS'] == '--xla_cpu_experimental_ynn_fusion_type=dot'
+  assert os.environ['XLA_FLAGS'] == (
+      '--xla_cpu_experimental_ynn_fusion_type=dot '
+      '--xla_cpu_copy_insertion_use_region_analysis=true')

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -230,7 +231,7 @@ def test_bad_checkpoint_settings_fail_before_any_work(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def test_train_step_takes_a_replicated_state_and_donates_it():
+def _cnn2_state_and_batch():
   model = models.CNN2(num_classes=3)
   optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.1, momentum=0.9, frozen=()))
@@ -239,6 +240,11 @@ def test_train_step_takes_a_replicated_state_and_donates_it():
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 255, (1, 4, 16, 16, 3), dtype=np.uint8),
            'label': rng.integers(0, 3, (1, 4)).astype(np.int32)}
+  return state, batch
+
+
+def test_train_step_takes_a_replicated_state_and_donates_it():
+  state, batch = _cnn2_state_and_batch()
   p_train, _ = steps.pmapped_steps(Preprocess())
   replicated = steps.replicate(state)
   kept = steps.unreplicate(replicated)
@@ -251,3 +257,18 @@ def test_train_step_takes_a_replicated_state_and_donates_it():
   assert int(new.step) == 1
   assert not np.array_equal(new.params['head']['kernel'],
                             state.params['head']['kernel'])
+
+
+def test_train_step_updates_weights_in_place_without_copying_them():
+  # Each weight matrix is read by the input gradient and then overwritten
+  # by its update; XLA:CPU copied every one of them each step unless told
+  # to order the two (runtime.XLA_DEFAULTS).
+  state, batch = _cnn2_state_and_batch()
+  p_train, _ = steps.pmapped_steps(Preprocess())
+  hlo = p_train.lower(steps.replicate(state), batch).compile().as_text()
+  entry = hlo[hlo.index('\nENTRY'):]
+  parameters = re.findall(r'(%\S+) = f32\[\d+(?:,\d+)+\]\S* parameter\(', entry)
+  weights = [w for w in jax.tree.leaves(state.params) if np.ndim(w) > 1]
+  assert len(parameters) == 2 * len(weights)  # The weights and momenta.
+  copied = [p for p in parameters if f'copy({p})' in entry]
+  assert not copied
