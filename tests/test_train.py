@@ -267,7 +267,8 @@ def test_train_step_updates_weights_in_place_without_copying_them():
   p_train, _ = steps.pmapped_steps(Preprocess())
   hlo = p_train.lower(steps.replicate(state), batch).compile().as_text()
   entry = hlo[hlo.index('\nENTRY'):]
-  parameters = re.findall(r'(%\S+) = f32\[\d+(?:,\d+)+\]\S* parameter\(', entry)
+  parameters = re.findall(r'(%\S+) = f32\[\d+(?:,\d+)+\]\S* parameter\(',
+                          entry)  # Every matrix or kernel.
   weights = [w for w in jax.tree.leaves(state.params) if np.ndim(w) > 1]
   assert len(parameters) == 2 * len(weights)  # The weights and momenta.
   copied = [p for p in parameters if f'copy({p})' in entry]
