@@ -329,6 +329,7 @@ class _Reorder:
 
 
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 'forward', 'input_grad', 'kernel_grad'
+CONVOLUTION_KINDS = (FORWARD, INPUT_GRAD, KERNEL_GRAD)
 BATCH_NORM_RELU, BATCH_NORM_RELU_GRAD = 'batch_norm_relu', 'batch_norm_relu_grad'
 
 
@@ -597,15 +598,14 @@ def _handler(kind: str):
   return _FfiHandler(handle)
 
 
-_RUNNERS = {FORWARD: _run_convolution, INPUT_GRAD: _run_convolution,
-            KERNEL_GRAD: _run_convolution,
+_RUNNERS = {**dict.fromkeys(CONVOLUTION_KINDS, _run_convolution),
             BATCH_NORM_RELU: _run_batch_norm_relu,
             BATCH_NORM_RELU_GRAD: _run_batch_norm_relu}
 _handlers = {}
 
 
 def _target(kind: str) -> str:
-  if kind in (FORWARD, INPUT_GRAD, KERNEL_GRAD):
+  if kind in CONVOLUTION_KINDS:
     return f'jaxlab_onednn_convolution_{kind}'
   return f'jaxlab_onednn_{kind}'
 

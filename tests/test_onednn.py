@@ -112,17 +112,17 @@ def test_bad_operand_is_a_clear_error_not_a_crash():
                                       ((1, 1), (1, 1))))
 
 
-@pytest.mark.parametrize('kind', [onednn.FORWARD, onednn.INPUT_GRAD,
-                                  onednn.KERNEL_GRAD, onednn.BATCH_NORM_RELU,
+@pytest.mark.parametrize('kind', [*onednn.CONVOLUTION_KINDS,
+                                  onednn.BATCH_NORM_RELU,
                                   onednn.BATCH_NORM_RELU_GRAD])
 def test_onednn_picks_an_optimised_implementation(kind):
   """Not oneDNN's reference loops ('ref:...'), which are many times slower:
   that would mean the layouts asked for have no fast implementation."""
-  if kind in (onednn.BATCH_NORM_RELU, onednn.BATCH_NORM_RELU_GRAD):
-    operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16))
-  else:
+  if kind in onednn.CONVOLUTION_KINDS:
     operation = onednn._convolution(kind, (2, 20, 20, 16), (3, 3, 16, 32),
                                     ((1, 1), (1, 1)))
+  else:
+    operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16))
   assert not operation.implementation().startswith('ref')
 
 
