@@ -12,6 +12,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported.
 
+from jaxlab import runtime  # pylint: disable=g-import-not-at-top
+
+runtime.apply_defaults()  # Before JAX starts: XLA flags, malloc.
+
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
@@ -61,8 +65,6 @@ def main(argv):
   # Imported here, after flag parsing; --summary needs no TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
-
-  from jaxlab import runtime  # pylint: disable=g-import-not-at-top
   cluster_flags = [f'--{name}' for name in ('coordinator_address',
                                              'num_processes', 'process_id')
                    if FLAGS[name].value is not None]

@@ -1,9 +1,10 @@
 """The benchmarked models written with torch.nn, as independent references.
 
-`TorchVGG16` has torchvision's layout and state-dict keys
-(`features.0.weight`, ..., `classifier.6.bias`); it stands in for
-torchvision's VGG16, which has no CPU build here. The tests use it as the
-reference for ported weights.
+`TorchVGG16` and `TorchResNet` have torchvision's layouts and state-dict
+keys (`features.0.weight`, ..., `classifier.6.bias`; `conv1.weight`,
+`layer1.0.bn1.running_mean`, ..., `fc.bias`); they stand in for
+torchvision's models, which have no CPU build here. The tests use them as
+the references for ported weights.
 """
 
 import torch
@@ -40,6 +41,66 @@ class TorchVGG16(nn.Module):
   def forward(self, x):
     x = self.avgpool(self.features(x))
     return self.classifier(torch.flatten(x, 1))
+
+
+class _Block(nn.Module):
+  """torchvision's BasicBlock (`bottleneck=False`) or Bottleneck (v1.5: the
+  stride on the 3 x 3 convolution)."""
+
+  def __init__(self, channels, width, stride, bottleneck):
+    super().__init__()
+    if bottleneck:
+      shapes = ((channels, width, 1, 1), (width, width, 3, stride),
+                (width, width * 4, 1, 1))
+    else:
+      shapes = ((channels, width, 3, stride), (width, width, 3, 1))
+    for i, (cin, cout, k, s) in enumerate(shapes):
+      setattr(self, f'conv{i + 1}',
+              nn.Conv2d(cin, cout, k, s, padding=k // 2, bias=False))
+      setattr(self, f'bn{i + 1}', nn.BatchNorm2d(cout))
+    self.depth = len(shapes)
+    out = shapes[-1][1]
+    self.downsample = None
+    if stride != 1 or channels != out:
+      self.downsample = nn.Sequential(
+          nn.Conv2d(channels, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    self.out_channels = out
+
+  def forward(self, x):
+    y = x
+    for i in range(1, self.depth + 1):
+      y = getattr(self, f'bn{i}')(getattr(self, f'conv{i}')(y))
+      if i < self.depth:
+        y = torch.relu(y)
+    shortcut = x if self.downsample is None else self.downsample(x)
+    return torch.relu(y + shortcut)
+
+
+class TorchResNet(nn.Module):
+  """torchvision's ResNet: `TorchResNet((2, 2, 2, 2))` is ResNet-18,
+  `TorchResNet((3, 4, 6, 3), bottleneck=True)` ResNet-50."""
+
+  def __init__(self, stage_sizes, bottleneck=False, num_classes=1000,
+               widths=(64, 128, 256, 512)):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, widths[0], 7, 2, padding=3, bias=False)
+    self.bn1 = nn.BatchNorm2d(widths[0])
+    self.maxpool = nn.MaxPool2d(3, 2, padding=1)
+    channels = widths[0]
+    for stage, (depth, width) in enumerate(zip(stage_sizes, widths)):
+      blocks = []
+      for block in range(depth):
+        blocks.append(_Block(channels, width,
+                             2 if stage and not block else 1, bottleneck))
+        channels = blocks[-1].out_channels
+      setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
+    self.fc = nn.Linear(channels, num_classes)
+
+  def forward(self, x):
+    x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+    for stage in range(1, 5):
+      x = getattr(self, f'layer{stage}')(x)
+    return self.fc(torch.flatten(x.mean((2, 3)), 1))
 
 
 def fc(num_classes, in_features, activation=nn.ReLU):

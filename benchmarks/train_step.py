@@ -115,9 +115,10 @@ def _step_flops(preprocess, state, device_batch) -> float:
 
 def jax_worker(name: str, batch: int, half_precision: bool = False):
   """Builds jaxlab's step; returns a function running one step, and facts."""
+  from jaxlab import runtime  # pylint: disable=g-import-not-at-top
+  runtime.apply_defaults()  # Before JAX starts, as launch.py.
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import jaxlab  # pylint: disable=g-import-not-at-top,unused-import
   from jaxlab import models, steps  # pylint: disable=g-import-not-at-top
   from jaxlab.preprocessing import Preprocess  # pylint: disable=g-import-not-at-top
   model_cfg, _, size, channels, frozen = MODELS[name]

@@ -1,5 +1,6 @@
-"""jaxlab: JAX/Flax image classification experiments from two course reports."""
+"""jaxlab: JAX/Flax image classification experiments from two course reports.
 
-from jaxlab import runtime as _runtime
-
-_runtime.apply_defaults()
+Importing jaxlab changes nothing in the process. For its speed defaults
+(XLA flags, malloc settings) call `jaxlab.runtime.apply_defaults()` before
+JAX starts, as launch.py and the benchmark do.
+"""

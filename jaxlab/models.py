@@ -1,12 +1,15 @@
-"""Flax linen models of the two reports, and a registry to build them by name.
+"""Flax linen models of the two reports, ResNets, and a registry by name.
 
-Every model maps NHWC float images to logits (no softmax). Models with
-BatchNorm keep their running statistics in the `batch_stats` collection;
-`train=True` uses batch statistics (averaged over `axis_name` when the model
-runs under `jax.pmap`) and updates the running ones.
+Every model maps NHWC float images to logits (no softmax) and is written
+with `jaxlab.layers` (flax's layers, with CPU fast paths chosen when the
+program is lowered for CPU). Models with BatchNorm keep their running
+statistics in the `batch_stats` collection; `train=True` uses batch
+statistics (averaged over `axis_name` when the model runs under `jax.pmap`)
+and updates the running ones.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -14,10 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlab import ops
+from jaxlab import layers
 from jaxlab.errors import UserError
 
-ACTIVATIONS: dict[str, Callable] = {'relu': nn.relu, 'sigmoid': nn.sigmoid}
+ACTIVATIONS: dict[str, Callable] = {'relu': layers.relu, 'sigmoid': nn.sigmoid}
 
 
 def _activation(name: str) -> Callable:
@@ -27,87 +30,12 @@ def _activation(name: str) -> Callable:
   return ACTIVATIONS[name]
 
 
-class Conv(nn.Module):
-  """`nn.Conv` with stride 1 (same parameters, names, initialisers and
-  results) whose kernel and bias gradients run faster on CPU (see
-  `ops.conv2d`). Parameters are float32; `dtype` is the
-  dtype of the computation."""
-  features: int
-  kernel_size: Sequence[int]
-  padding: str | Sequence[tuple[int, int]] = 'SAME'
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (*self.kernel_size, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    padding = self.padding
-    if isinstance(padding, str):
-      padding = jax.lax.padtype_to_pads(x.shape[1:3], self.kernel_size,
-                                        (1, 1), padding)
-    return ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                      tuple(tuple(pair) for pair in padding),
-                      bias.astype(self.dtype))
-
-
-class Dense(nn.Module):
-  """`nn.Dense` (same parameters, names, initialisers and results) whose
-  input gradient runs faster on CPU (see `ops.dense`). Parameters are
-  float32; `dtype` is the dtype of the computation."""
-  features: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    y = ops.dense(x.reshape(-1, x.shape[-1]).astype(self.dtype),
-                  kernel.astype(self.dtype), bias.astype(self.dtype))
-    return y.reshape(*x.shape[:-1], self.features)
-
-
-class BatchNorm(nn.Module):
-  """`nn.BatchNorm` over all axes but the last, with flax's defaults (fast
-  variance, scale and bias; same parameters, `batch_stats`, initialisers and
-  results) whose batch statistics and gradients reduce faster on CPU (see
-  `ops.batch_norm`). Parameters and statistics are float32; `dtype` is the
-  dtype of the result. With `relu`, the result goes through a ReLU, computed
-  with the normalisation (one oneDNN operation on CPU)."""
-  use_running_average: bool
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  axis_name: str | None = None
-  relu: bool = False
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    features = (x.shape[-1],)
-    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,
-                            jnp.float32)
-    ra_var = self.variable('batch_stats', 'var', jnp.ones, features,
-                           jnp.float32)
-    scale = self.param('scale', nn.initializers.ones_init(), features)
-    bias = self.param('bias', nn.initializers.zeros_init(), features)
-    if self.use_running_average:
-      y = ops.normalize(x, ra_mean.value, ra_var.value, scale, bias,
-                        self.epsilon)
-      return (nn.relu(y) if self.relu else y).astype(self.dtype)
-    # As flax's: no averaging over devices, and no update, when initialising.
-    initializing = self.is_initializing()
-    y, mean, var = ops.batch_norm(
-        x, scale, bias, self.epsilon,
-        None if initializing else self.axis_name, relu=self.relu)
-    if not initializing:
-      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y.astype(self.dtype)
-
-
 def _flatten(x):
   return x.reshape((x.shape[0], -1))
+
+
+def _max_pool_2x2(x):
+  return layers.max_pool(x, (2, 2), strides=(2, 2))
 
 
 def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int,
@@ -115,10 +43,10 @@ def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int,
   """Valid 3x3 convolutions `conv1`, `conv2`, ... with ReLU, and a 2x2
   max-pool after every `convs_per_pool` of them (inside a compact method)."""
   for i, features in enumerate(channels):
-    x = nn.relu(Conv(features, (3, 3), padding='VALID', dtype=dtype,
-                     name=f'conv{i + 1}')(x))
+    x = layers.relu(layers.Conv(features, (3, 3), padding='VALID',
+                                dtype=dtype, name=f'conv{i + 1}')(x))
     if (i + 1) % convs_per_pool == 0:
-      x = ops.max_pool(x, 2)
+      x = _max_pool_2x2(x)
   return x
 
 
@@ -134,8 +62,8 @@ class FC(nn.Module):
     act = _activation(self.activation)
     x = _flatten(x)
     for i, width in enumerate(self.hidden):
-      x = act(Dense(width, dtype=self.dtype, name=f'dense{i + 1}')(x))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+      x = act(layers.Dense(width, dtype=self.dtype, name=f'dense{i + 1}')(x))
+    return layers.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN1(nn.Module):
@@ -158,20 +86,18 @@ class CNN1(nn.Module):
       raise UserError(f'config model.channels={tuple(self.channels)} must '
                       'have 4 entries (two convolutions per block, 2 blocks)')
     for i, features in enumerate(self.channels):
-      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-               name=f'conv{i + 1}')(x)
+      x = layers.Conv(features, (3, 3), padding=((1, 1), (1, 1)),
+                      dtype=self.dtype, name=f'conv{i + 1}')(x)
       if self.batch_norm:
-        # PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 here), eps 1e-5.
-        x = BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, axis_name=self.axis_name, relu=True,
-                      dtype=self.dtype, name=f'bn{i + 1}')(x)
-      else:
-        x = nn.relu(x)
+        x = _batch_norm(train, self.axis_name, self.dtype,
+                        name=f'bn{i + 1}')(x)
+      x = layers.relu(x)
       if i % 2 == 1:
-        x = ops.max_pool(x, 3, stride=2, padding=1)
-    x = nn.relu(Dense(self.hidden, dtype=self.dtype,
-                      name='dense1')(_flatten(x)))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+        x = layers.max_pool(x, (3, 3), strides=(2, 2),
+                            padding=((1, 1), (1, 1)))
+    x = layers.relu(layers.Dense(self.hidden, dtype=self.dtype,
+                                 name='dense1')(_flatten(x)))
+    return layers.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class CNN2(nn.Module):
@@ -189,8 +115,9 @@ class CNN2(nn.Module):
   def __call__(self, x, train: bool = False):
     x = _valid_conv_blocks(x, self.channels, convs_per_pool=2,
                            dtype=self.dtype)
-    x = Dense(self.hidden, dtype=self.dtype, name='dense1')(_flatten(x))
-    return Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+    x = layers.Dense(self.hidden, dtype=self.dtype,
+                     name='dense1')(_flatten(x))
+    return layers.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
 
 
 class ScratchCNN(nn.Module):
@@ -212,8 +139,8 @@ class ScratchCNN(nn.Module):
                            dtype=self.dtype)
     if self.dropout_rate:
       x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return Dense(self.num_classes, dtype=self.dtype,
-                 name='head')(_flatten(x))
+    return layers.Dense(self.num_classes, dtype=self.dtype,
+                        name='head')(_flatten(x))
 
 
 def _adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -266,19 +193,127 @@ class VGG16(nn.Module):
     index = 0  # torchvision's index in `features`: conv, ReLU, ..., pool.
     for width, depth in zip(self.widths, self.BLOCK_DEPTHS):
       for _ in range(depth):
-        x = nn.relu(Conv(width, (3, 3), padding=((1, 1), (1, 1)),
-                         dtype=self.dtype, name=f'features.{index}')(x))
+        x = layers.relu(layers.Conv(width, (3, 3), padding=((1, 1), (1, 1)),
+                                    dtype=self.dtype,
+                                    name=f'features.{index}')(x))
         index += 2
-      x = ops.max_pool(x, 2)
+      x = _max_pool_2x2(x)
       index += 1
     x = _flatten(adaptive_avg_pool(x, (7, 7)))
     for index in (0, 3):
-      x = nn.relu(Dense(self.classifier_width, dtype=self.dtype,
-                        name=f'classifier.{index}')(x))
+      x = layers.relu(layers.Dense(self.classifier_width, dtype=self.dtype,
+                                   name=f'classifier.{index}')(x))
       x = nn.Dropout(self.dropout_rate, deterministic=not train,
                      name=f'classifier.{index + 2}')(x)
-    return Dense(self.num_classes, dtype=self.dtype,
-                 name='classifier.6')(x)
+    return layers.Dense(self.num_classes, dtype=self.dtype,
+                        name='classifier.6')(x)
+
+
+# torchvision's initialisation of ResNet convolutions (kaiming_normal_,
+# fan_out, ReLU gain).
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _batch_norm(train: bool, axis_name, dtype, name: str):
+  """BatchNorm with PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 in
+  flax's convention) and epsilon 1e-5."""
+  return layers.BatchNorm(use_running_average=not train, momentum=0.9,
+                          epsilon=1e-5, axis_name=axis_name, dtype=dtype,
+                          name=name)
+
+
+class _ResidualBlock(nn.Module):
+  """A torchvision ResNet block: `convs` (features, kernel, stride) each
+  with BatchNorm (`conv1`/`bn1`, ...), ReLU between them, the shortcut
+  (`downsample.0` convolution and `downsample.1` BatchNorm where the shape
+  changes) added before the last ReLU."""
+  convs: Sequence[tuple[int, int, int]]
+  downsample: bool
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=_KAIMING_FAN_OUT)
+    norm = functools.partial(_batch_norm, train, self.axis_name, self.dtype)
+    y = x
+    for i, (features, kernel, stride) in enumerate(self.convs):
+      pad = kernel // 2
+      y = conv(features, (kernel, kernel), strides=stride,
+               padding=((pad, pad), (pad, pad)), name=f'conv{i + 1}')(y)
+      y = norm(name=f'bn{i + 1}')(y)
+      if i + 1 < len(self.convs):
+        y = layers.relu(y)
+    shortcut = x
+    if self.downsample:
+      stride = max(s for _, _, s in self.convs)
+      shortcut = conv(self.convs[-1][0], (1, 1), strides=stride,
+                      padding='VALID', name='downsample.0')(x)
+      shortcut = norm(name='downsample.1')(shortcut)
+    return layers.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """ResNet in torchvision's layout (v1.5: a bottleneck's stride is on its
+  3 x 3 convolution), NHWC.
+
+  Parameters are named by torchvision's modules: `conv1`, `bn1`,
+  `layer1.0.conv1`, `layer1.0.bn1`, ..., `layer2.0.downsample.0` (the
+  shortcut's convolution) and `.1` (its BatchNorm), `fc` (the head,
+  `num_classes` wide). Convolutions have no bias and torchvision's
+  initialisation; BatchNorm has PyTorch's momentum and epsilon.
+  """
+  num_classes: int
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  bottleneck: bool = False
+  widths: Sequence[int] = (64, 128, 256, 512)
+  axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if len(self.widths) != len(self.stage_sizes):
+      raise UserError(f'config model.widths={tuple(self.widths)} must have '
+                      f'{len(self.stage_sizes)} entries, one per stage')
+    x = layers.Conv(self.widths[0], (7, 7), strides=2,
+                    padding=((3, 3), (3, 3)), use_bias=False,
+                    dtype=self.dtype, kernel_init=_KAIMING_FAN_OUT,
+                    name='conv1')(x)
+    x = layers.relu(_batch_norm(train, self.axis_name, self.dtype, 'bn1')(x))
+    x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    expansion = 4 if self.bottleneck else 1
+    features = self.widths[0]
+    for stage, (depth, width) in enumerate(zip(self.stage_sizes,
+                                               self.widths)):
+      for block in range(depth):
+        stride = 2 if stage > 0 and block == 0 else 1
+        if self.bottleneck:
+          convs = ((width, 1, 1), (width, 3, stride),
+                   (width * expansion, 1, 1))
+        else:
+          convs = ((width, 3, stride), (width, 3, 1))
+        x = _ResidualBlock(
+            convs, downsample=stride != 1 or features != width * expansion,
+            axis_name=self.axis_name, dtype=self.dtype,
+            name=f'layer{stage + 1}.{block}')(x, train)
+        features = width * expansion
+    x = jnp.mean(x, axis=(1, 2))  # torchvision's AdaptiveAvgPool2d((1, 1)).
+    return layers.Dense(self.num_classes, dtype=self.dtype, name='fc')(x)
+
+
+class ResNet18(ResNet):
+  """ResNet-18: basic blocks, 2 per stage (11,689,512 parameters at 1000
+  classes)."""
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  bottleneck: bool = False
+
+
+class ResNet50(ResNet):
+  """ResNet-50: bottleneck blocks, 3, 4, 6 and 3 per stage (25,557,032
+  parameters at 1000 classes)."""
+  stage_sizes: Sequence[int] = (3, 4, 6, 3)
+  bottleneck: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,6 +329,8 @@ MODELS: dict[str, ModelSpec] = {
     'cnn_bn': ModelSpec(CNN1, {'batch_norm': True}),
     'scratch_cnn': ModelSpec(ScratchCNN, {}),
     'vgg16': ModelSpec(VGG16, {}),
+    'resnet18': ModelSpec(ResNet18, {}),
+    'resnet50': ModelSpec(ResNet50, {}),
 }
 
 # Config keys under `model` that are not constructor arguments.

@@ -1,4 +1,8 @@
-"""Operations whose default XLA lowering is slow on CPU, written to be fast.
+"""XLA:CPU implementations of layers whose default lowering is slow on CPU.
+
+`jaxlab.layers` calls these when it traces the XLA:CPU program (see
+`jaxlab.platforms`); GPUs and TPUs get flax's own layers. Each gives the
+plain layer's outputs and gradients, to float rounding.
 
 `max_pool` (2 x 2 windows in cnn2, scratch_cnn and VGG16; 3 x 3, stride 2,
 padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
@@ -8,20 +12,21 @@ elementwise from it (fusable), with the same semantics: each window's
 gradient goes to its first maximum in row-major order, as select_and_scatter
 (and PyTorch) route it.
 
-`conv2d`: a stride-1 convolution and its bias. On CPU, through oneDNN (see
-`jaxlab.onednn`), whose kernel gradient computes the bias's in the same pass;
-elsewhere, through XLA, with a kernel gradient that transposes its input the
-fast way (see `_conv_kernel_grad`), a forward pass on inputs of up to 4
-channels written as a fused sum of shifted products (see `_forward_conv`),
-and a bias gradient that reduces in stages (see `_channel_sums`).
+`conv2d`: a stride-1 convolution and its bias. In float32, through oneDNN
+(see `jaxlab.onednn`), whose kernel gradient computes the bias's in the same
+pass; otherwise through XLA, with a kernel gradient that transposes its
+input the fast way (see `_conv_kernel_grad`), a forward pass on inputs of up
+to 4 channels written as a fused sum of shifted products (see
+`_forward_conv`), and a bias gradient that reduces in stages (see
+`_channel_sums`).
 
 `dense`: a fully connected layer whose input gradient computes the product
 with its operands swapped, the order XLA:CPU runs fast (see
 `_dense_input_grad`).
 
-`batch_norm`: BatchNorm's training-mode normalisation, whose statistics and
-gradients reduce over the batch in stages, each pair of sums in one pass
-(see `_channel_sums`); with the ReLU after it, on CPU, normalisation and
+`batch_statistics` and `batch_normalize`: BatchNorm in training, whose
+statistics and gradients reduce over the batch in stages, each pair of sums
+in one pass (see `_channel_sums`); with the ReLU after it, normalisation and
 gradient through oneDNN (see `_uses_onednn_batch_norm`).
 
 `sum_of_squares`: for the gradient norm and its clipping, in one pass over
@@ -269,12 +274,11 @@ def _conv_as_shifted_products(x, kernel):
 def _uses_onednn(x, padding) -> bool:
   # Negative padding (cropping) is XLA's only.
   return (x.dtype == jnp.float32 and min(min(padding)) >= 0 and
-          jax.default_backend() == 'cpu' and onednn.enabled())
+          onednn.enabled())
 
 
 def _forward_conv(x, kernel, padding):
-  if (x.shape[-1] > _SHIFTED_PRODUCTS_MAX_CHANNELS or
-      jax.default_backend() != 'cpu'):
+  if x.shape[-1] > _SHIFTED_PRODUCTS_MAX_CHANNELS:
     return _conv(x, kernel, padding)
   # Stored: fused into its consumers instead, the sum would be recomputed by
   # each (a max-pool reads every element several times). The kernel decides
@@ -293,10 +297,10 @@ def conv2d(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]],
   (over the output channels; none if None).
 
   `padding` is ((top, bottom), (left, right)). Outputs and gradients are
-  `lax.conv_general_dilated`'s (plus the bias), to float rounding. On CPU,
-  float32 convolutions run through oneDNN where it is installed (see
-  `jaxlab.onednn`); otherwise, through XLA with a faster kernel gradient
-  and, for inputs of up to 4 channels, a forward pass written as a sum of
+  `lax.conv_general_dilated`'s (plus the bias), to float rounding. Float32
+  convolutions run through oneDNN where it is installed (see
+  `jaxlab.onednn`); others through XLA, with a faster kernel gradient and,
+  for inputs of up to 4 channels, a forward pass written as a sum of
   shifted products.
   """
   if bias is None:
@@ -384,8 +388,6 @@ def _dense_input_grad(g, kernel):
   batch 8: 175 against 35 ms). The barrier stops XLA from folding the
   transpose back into the product; the transpose itself is batch x in.
   """
-  if jax.default_backend() != 'cpu':
-    return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
   swapped = jax.lax.dot_general(kernel, g, (((1,), (1,)), ((), ())))
   return jax.lax.optimization_barrier(swapped).T
 
@@ -414,91 +416,105 @@ def normalize(x, mean, var, scale, bias, epsilon: float):
   return (x.astype(jnp.float32) - mean) * multiplier + bias
 
 
-def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None,
-               relu: bool = False):
-  """BatchNorm of NHWC (or [..., C]) `x` with its own batch's statistics.
-
-  Returns (y, mean, var): y = (x - mean) / sqrt(var + epsilon) * scale + bias
-  in x's dtype (with `relu`, max(0, that)), and the float32 batch mean and
-  variance, over all axes but the last and the devices of `axis_name`, as
-  flax's `nn.BatchNorm` computes them in training (var = E[x^2] - E[x]^2,
-  clipped at 0). Gradients flow to x, scale and bias through y only, as the
-  statistics are meant for the running averages: mean and var are returned
-  with no gradient.
+def batch_statistics(x, axis_name: str | None = None):
+  """float32 (mean, var) of `x` over all axes but the last and the devices
+  of `axis_name`, as flax's `nn.BatchNorm` computes them in training (var =
+  E[x^2] - E[x]^2, clipped at 0), with no gradient: they are for
+  `batch_normalize` and the running averages.
 
   XLA:CPU reduces over the batch, height and width axes through slow
-  reduce-windows (cnn_bn: 0.9 s of thread time a step); here every
-  reduction, forward and backward, runs as `_channel_sums`.
+  reduce-windows (cnn_bn: 0.9 s of thread time a step); here the sums run
+  as `_channel_sums`.
+  """
+  x32 = x.astype(jnp.float32)
+  mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
+                                       x.size // x.shape[-1], axis_name)
+  var = jnp.maximum(0.0, mean_of_squares - mean * mean)
+  return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+
+
+def batch_normalize(x, mean, var, scale, bias, epsilon: float,
+                    axis_name: str | None = None, relu: bool = False):
+  """BatchNorm's training output from x's own statistics.
+
+  `mean` and `var` must be `batch_statistics(x, axis_name)`. Returns y =
+  (x - mean) / sqrt(var + epsilon) * scale + bias in x's dtype (with
+  `relu`, max(0, that)). Its gradients are those of flax's BatchNorm: x's
+  goes through the statistics (as if computed here from x), scale's and
+  bias's are this device's sums; mean and var get none.
   """
   if relu and _uses_onednn_batch_norm(x, axis_name):
-    y, mean, var = _onednn_batch_norm_relu(x, scale, bias, epsilon, axis_name)
-  else:
-    y, mean, var = _batch_norm(x, scale, bias, epsilon, axis_name)
-    y = jax.nn.relu(y) if relu else y
-  return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    return _onednn_batch_norm_relu(x, mean, var, scale, bias, epsilon)
+  y = _batch_normalized(x, mean, var, scale, bias, epsilon, axis_name)
+  return jax.nn.relu(y) if relu else y
+
+
+def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None,
+               relu: bool = False):
+  """BatchNorm of NHWC (or [..., C]) `x` with its own batch's statistics:
+  (y, mean, var) of `batch_statistics` and `batch_normalize`."""
+  mean, var = batch_statistics(x, axis_name)
+  return (batch_normalize(x, mean, var, scale, bias, epsilon, axis_name,
+                          relu), mean, var)
 
 
 def _uses_onednn_batch_norm(x, axis_name) -> bool:
-  """Whether `batch_norm` with a ReLU runs through oneDNN: float32 NHWC on
-  CPU, with statistics of this device's batch alone.
+  """Whether `batch_normalize` with a ReLU runs through oneDNN: float32
+  NHWC, with statistics of this device's batch alone.
 
   oneDNN normalises and ReLUs in one pass, and computes the gradient in two
   (x's, through the statistics, with scale's and bias's): cnn_bn's first
   layer, forward and backward, takes 30-33 ms where XLA's fusions take
   62-70. Its gradient sums over this device's batch only, so with the
   statistics averaged over several devices the gradient stays XLA's
-  (`_batch_norm`).
+  (`_batch_normalized`).
   """
-  return (x.ndim == 4 and x.dtype == jnp.float32 and
-          jax.default_backend() == 'cpu' and onednn.enabled() and
+  return (x.ndim == 4 and x.dtype == jnp.float32 and onednn.enabled() and
           (axis_name is None or jax.lax.axis_size(axis_name) == 1))
 
 
-def _batch_statistics(x, axis_name):
-  """float32 (mean, var) over all axes but the last, as flax's BatchNorm."""
-  x32 = x.astype(jnp.float32)
-  mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
-                                       x.size // x.shape[-1], axis_name)
-  return mean, jnp.maximum(0.0, mean_of_squares - mean * mean)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _onednn_batch_norm_relu(x, mean, var, scale, bias, epsilon):
+  return _onednn_batch_norm_relu_fwd(x, mean, var, scale, bias, epsilon)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _onednn_batch_norm_relu(x, scale, bias, epsilon, axis_name):
-  return _onednn_batch_norm_relu_fwd(x, scale, bias, epsilon, axis_name)[0]
-
-
-def _onednn_batch_norm_relu_fwd(x, scale, bias, epsilon, axis_name):
-  mean, var = _batch_statistics(x, axis_name)
+def _onednn_batch_norm_relu_fwd(x, mean, var, scale, bias, epsilon):
   y, workspace = onednn.batch_norm_relu(x, mean, var + epsilon, scale, bias)
-  return (y, mean, var), (x, mean, var, scale, workspace)
+  return y, (x, mean, var, scale, workspace)
 
 
-def _onednn_batch_norm_relu_bwd(epsilon, axis_name, saved, cotangents):
-  del axis_name  # A batch on one device (`_uses_onednn_batch_norm`).
+def _onednn_batch_norm_relu_bwd(epsilon, saved, g):
   x, mean, var, scale, workspace = saved
-  return onednn.batch_norm_relu_grad(x, mean, var + epsilon, scale, workspace,
-                                     cotangents[0])
+  dx, dscale, dbias = onednn.batch_norm_relu_grad(
+      x, mean, var + epsilon, scale, workspace, g)
+  return dx, None, None, dscale, dbias
 
 
 _onednn_batch_norm_relu.defvjp(_onednn_batch_norm_relu_fwd,
                                _onednn_batch_norm_relu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm(x, scale, bias, epsilon, axis_name):
-  return _batch_norm_fwd(x, scale, bias, epsilon, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _batch_normalized(x, mean, var, scale, bias, epsilon, axis_name):
+  del axis_name  # The statistics are given.
+  return normalize(x, mean, var, scale, bias, epsilon).astype(x.dtype)
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon, axis_name):
-  mean, var = _batch_statistics(x, axis_name)
+def _batch_normalized_fwd(x, mean, var, scale, bias, epsilon, axis_name):
+  # Symbolic zeros: the primals come wrapped, with whether each is perturbed.
+  x, mean, var, scale, bias = (a.value for a in (x, mean, var, scale, bias))
+  del axis_name
   y = normalize(x, mean, var, scale, bias, epsilon).astype(x.dtype)
-  return (y, mean, var), (x, mean, var, scale)
+  return y, (x, mean, var, scale)
 
 
-def _batch_norm_bwd(epsilon, axis_name, saved, cotangents):
-  # Only y's cotangent counts: `batch_norm` stops the statistics' gradients.
+def _batch_normalized_bwd(epsilon, axis_name, saved, g):
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    # y is unused: `jaxlab.layers.relu` took the fused BatchNorm+ReLU
+    # instead. Nothing to compute (instantiated zeros would cost a pass).
+    return None, None, None, None, None
   x, mean, var, scale = saved
-  g = cotangents[0].astype(jnp.float32)
+  g = g.astype(jnp.float32)
   inverse_std = jax.lax.rsqrt(var + epsilon)
   normalized = (x.astype(jnp.float32) - mean) * inverse_std
   # The parameters' gradients are this device's sums; x's goes through the
@@ -508,7 +524,8 @@ def _batch_norm_bwd(epsilon, axis_name, saved, cotangents):
   mean_g, mean_g_normalized = _batch_means(sums, x.size // x.shape[-1],
                                            axis_name)
   x_grad = inverse_std * scale * (g - mean_g - normalized * mean_g_normalized)
-  return x_grad.astype(x.dtype), scale_grad, bias_grad
+  return x_grad.astype(x.dtype), None, None, scale_grad, bias_grad
 
 
-_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_normalized.defvjp(_batch_normalized_fwd, _batch_normalized_bwd,
+                         symbolic_zeros=True)

@@ -16,32 +16,38 @@ import jax.numpy as jnp
 import optax
 
 from jaxlab import ops
+from jaxlab import platforms
 from jaxlab.errors import UserError
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
 
 
 def global_norm(tree) -> jax.Array:
-  """The L2 norm of all leaves together, as `optax.tree.norm`, each leaf's
-  squares summed in one pass (see `ops.sum_of_squares`)."""
+  """The L2 norm of all leaves together: `optax.tree.norm`; in the CPU
+  program each leaf's squares are summed in one pass (`ops.sum_of_squares`),
+  where XLA:CPU would store them first."""
+  if platforms.cpu_program() is None:
+    return optax.tree.norm(tree)
   return jnp.sqrt(sum(ops.sum_of_squares(leaf)
                       for leaf in jax.tree.leaves(tree)))
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """`optax.clip_by_global_norm`, with the norm of `global_norm`: updates
-  whose global norm exceeds `max_norm` are scaled down to it."""
+  """`optax.clip_by_global_norm`: updates whose global norm exceeds
+  `max_norm` are scaled down to it. In the CPU program the norm is
+  `global_norm`'s one-pass sum."""
+  plain = optax.clip_by_global_norm(max_norm)
 
   def update(updates, state, params=None):
-    del params
+    if platforms.cpu_program() is None:
+      return plain.update(updates, state, params)
     norm = global_norm(updates)
     clipped = jax.tree.map(
         lambda t: jnp.where(norm < max_norm, t,
                             (t / norm.astype(t.dtype)) * max_norm), updates)
     return clipped, state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(),
-                                      update)
+  return optax.GradientTransformation(plain.init, update)
 
 
 def rmsprop_momentum(learning_rate: float, alpha: float = 0.99,

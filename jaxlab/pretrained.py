@@ -1,9 +1,11 @@
-"""Pretrained VGG16 weights from torchvision or Keras files, as Flax variables.
+"""Pretrained VGG16 and ResNet weights from torchvision (or Keras) files.
 
     variables = load_torchvision_vgg16('vgg16-397923af.pth')
     logits = jaxlab.models.VGG16(num_classes=1000).apply(variables, nhwc_images)
 
-gives torchvision's VGG16 logits for the same images in NCHW. Readers:
+gives torchvision's VGG16 logits for the same images in NCHW;
+`load_torchvision_resnet18` and `load_torchvision_resnet50` do the same for
+`models.ResNet18` and `ResNet50` (params and BatchNorm statistics). Readers:
   .pth / .pt     torchvision state dict (needs PyTorch)
   .safetensors   torchvision state dict (no PyTorch needed)
   .h5            Keras VGG16 weights, legacy (keras-applications' file) or
@@ -14,7 +16,7 @@ gives torchvision's VGG16 logits for the same images in NCHW. Readers:
                  below; the fastest to load.
 
 In a config, `model.pretrained` names a file, or `torchvision` for the
-official file in the cache folder ($JAXLAB_CACHE, default ~/.cache/jaxlab),
+model's official file (ImageNet-1K V1 weights) in the cache folder ($JAXLAB_CACHE, default ~/.cache/jaxlab),
 downloaded there with its SHA-256 checked only if
 `model.download_pretrained` is true.
 
@@ -26,7 +28,7 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Mapping
+from typing import Callable, Mapping
 
 import flax.serialization
 import flax.traverse_util
@@ -34,6 +36,7 @@ import jax
 import numpy as np
 
 from jaxlab import downloads
+from jaxlab import models
 from jaxlab.errors import UserError
 
 
@@ -50,6 +53,12 @@ class WeightsFile:
 TORCHVISION_VGG16 = WeightsFile(
     'https://download.pytorch.org/models/vgg16-397923af.pth',
     '397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0')
+TORCHVISION_RESNET18 = WeightsFile(
+    'https://download.pytorch.org/models/resnet18-f37072fd.pth',
+    'f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec')
+TORCHVISION_RESNET50 = WeightsFile(
+    'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+    '0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a')
 
 # torchvision's `features` indices of VGG16's 13 convolutions.
 VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
@@ -141,6 +150,18 @@ def params_from_torchvision_vgg16(state: Mapping[str, np.ndarray],
   return params
 
 
+def _read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A torchvision state dict from `.pth`/`.pt` (read with PyTorch) or
+  `.safetensors` (no PyTorch needed)."""
+  _check_exists(path)
+  if path.endswith('.safetensors'):
+    return _read_safetensors(path)
+  if path.endswith(('.pth', '.pt')):
+    return _read_torch_state_dict(path)
+  raise UserError(f'{path}: torchvision weights must be .pth, .pt or '
+                  '.safetensors')
+
+
 def load_torchvision_vgg16(path: str) -> dict:
   """Variables for `VGG16(num_classes=1000)` from a torchvision weights file.
 
@@ -151,15 +172,77 @@ def load_torchvision_vgg16(path: str) -> dict:
     {'params': ...} such that `VGG16(1000).apply(variables, nhwc)` equals
     torchvision's `vgg16(nchw)`.
   """
-  _check_exists(path)
-  if path.endswith('.safetensors'):
-    state = _read_safetensors(path)
-  elif path.endswith(('.pth', '.pt')):
-    state = _read_torch_state_dict(path)
-  else:
-    raise UserError(f'{path}: torchvision weights must be .pth, .pt or '
-                    '.safetensors')
-  return {'params': params_from_torchvision_vgg16(state, path)}
+  return {'params': params_from_torchvision_vgg16(_read_state_dict(path),
+                                                  path)}
+
+
+# Flax variable names -> torchvision state-dict names, by collection.
+_TORCH_NAMES = {('params', 'kernel'): 'weight', ('params', 'bias'): 'bias',
+                ('params', 'scale'): 'weight',
+                ('batch_stats', 'mean'): 'running_mean',
+                ('batch_stats', 'var'): 'running_var'}
+
+
+def variables_from_torchvision(state: Mapping[str, np.ndarray], template,
+                               where: str) -> dict:
+  """Flax variables shaped like `template` from a torchvision state dict of
+  a model whose flax modules carry torchvision's module names (ResNet).
+
+  Convolution kernels go from OIHW to HWIO, dense ones are transposed,
+  BatchNorm's weight becomes `scale` and its running statistics
+  `batch_stats`; `num_batches_tracked` is not needed. A missing, extra or
+  misshapen entry fails naming it.
+  """
+  expected = {}
+  for collection, tree in template.items():
+    for path, leaf in flax.traverse_util.flatten_dict(tree).items():
+      name = '.'.join(path[:-1] + (_TORCH_NAMES[collection, path[-1]],))
+      expected[name] = (collection, path, tuple(leaf.shape))
+  missing = sorted(set(expected) - set(state))
+  if missing:
+    raise UserError(f'{where} is not a torchvision state dict of this model: '
+                    f'it lacks {missing[0]} (and {len(missing) - 1} more)')
+  extra = sorted(k for k in set(state) - set(expected)
+                 if not k.endswith('.num_batches_tracked'))
+  if extra:
+    raise UserError(f'{where} has entries the model does not: {extra[:3]}')
+  variables = {collection: {} for collection in template}
+  for name, (collection, path, shape) in expected.items():
+    value = np.asarray(state[name], np.float32)
+    if path[-1] == 'kernel' and value.ndim == len(shape):
+      value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+    if value.shape != shape:
+      raise UserError(f'{where}: {name} has shape {tuple(state[name].shape)}'
+                      f', which does not fit the model\'s {shape}')
+    variables[collection][path] = value
+  return {c: flax.traverse_util.unflatten_dict(v)
+          for c, v in variables.items()}
+
+
+def _variable_shapes(model) -> dict:
+  """The model's variables as shapes (its parameters do not depend on the
+  image size)."""
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                           np.zeros((1, 64, 64, 3),
+                                                    np.float32)))
+
+
+def _load_resnet(path: str, model) -> dict:
+  return variables_from_torchvision(_read_state_dict(path),
+                                    _variable_shapes(model), path)
+
+
+def load_torchvision_resnet18(path: str) -> dict:
+  """Variables ({'params', 'batch_stats'}) for `ResNet18(num_classes=1000)`
+  from torchvision's ResNet-18 state dict (`.pth`/`.pt` with PyTorch,
+  `.safetensors` without), such that `ResNet18(1000).apply(variables,
+  nhwc)` equals torchvision's `resnet18().eval()(nchw)`."""
+  return _load_resnet(path, models.ResNet18(1000))
+
+
+def load_torchvision_resnet50(path: str) -> dict:
+  """`load_torchvision_resnet18` for `ResNet50(num_classes=1000)`."""
+  return _load_resnet(path, models.ResNet50(1000))
 
 
 # --------------------------------------------------------------------------
@@ -246,21 +329,23 @@ def load_vgg16_file(path: str) -> dict:
   return load_torchvision_vgg16(path)
 
 
-def resolve(spec: str, allow_download: bool) -> str:
-  """The weights file that `model.pretrained=spec` names."""
+def resolve(spec: str, allow_download: bool,
+            official: WeightsFile = TORCHVISION_VGG16) -> str:
+  """The weights file that `model.pretrained=spec` names: `spec` itself, or
+  for 'torchvision' the `official` file in the cache (downloaded, with its
+  SHA-256 checked, only if `allow_download`)."""
   if spec != 'torchvision':
     return spec
-  path = os.path.join(cache_dir(), TORCHVISION_VGG16.filename)
+  path = os.path.join(cache_dir(), official.filename)
   if os.path.isfile(path):
     return path
   if not allow_download:
     raise UserError(
         f'pretrained weights not found at {path}; download '
-        f'{TORCHVISION_VGG16.url} there (SHA-256 {TORCHVISION_VGG16.sha256}), '
+        f'{official.url} there (SHA-256 {official.sha256}), '
         'point --config.model.pretrained at a copy, or allow the download '
         'with --config.model.download_pretrained=True')
-  return downloads.download(TORCHVISION_VGG16.url, path,
-                            TORCHVISION_VGG16.sha256)
+  return downloads.download(official.url, path, official.sha256)
 
 
 def fit_to_model(pretrained: dict, params: dict, where: str,
@@ -291,18 +376,49 @@ def fit_to_model(pretrained: dict, params: dict, where: str,
   return flax.traverse_util.unflatten_dict(new, sep='/')
 
 
-def load_for_model(model_config, params: dict) -> dict:
-  """`params` with the pretrained weights that `model_config` asks for.
+def _load_resnet_for(path: str, model_config) -> dict:
+  """The config's ResNet (its widths too) at 1000 classes, from `path`."""
+  if path.endswith('.msgpack'):
+    return _read_msgpack(path)
+  return _load_resnet(path, models.create_model(model_config, 1000))
 
-  The head (`classifier.6`) keeps its fresh initialisation, sized for the
-  dataset's classes; every other layer comes from the weights file.
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+  """How a model's pretrained weights load: `load(path, model_config)`
+  gives the variables at 1000 classes; `head` is the layer that stays
+  fresh."""
+  load: Callable[[str, object], dict]
+  official: WeightsFile
+  head: str
+
+
+PRETRAINED = {
+    'vgg16': Pretrained(lambda path, _: load_vgg16_file(path),
+                        TORCHVISION_VGG16, HEAD),
+    'resnet18': Pretrained(_load_resnet_for, TORCHVISION_RESNET18, 'fc'),
+    'resnet50': Pretrained(_load_resnet_for, TORCHVISION_RESNET50, 'fc'),
+}
+
+
+def load_for_model(model_config, variables: dict) -> dict:
+  """`variables` with the pretrained weights that `model_config` asks for.
+
+  The head (`classifier.6`, `fc`) keeps its fresh initialisation, sized for
+  the dataset's classes; every other layer's parameters and BatchNorm
+  statistics come from the weights file.
   """
-  if model_config.name != 'vgg16':
+  if model_config.name not in PRETRAINED:
     raise UserError(f'config model.pretrained is set, but model '
-                    f'{model_config.name!r} has no pretrained weights; only '
-                    "'vgg16' does")
-  path = resolve(model_config.pretrained, model_config.download_pretrained)
-  return fit_to_model(load_vgg16_file(path)['params'], params, path)
+                    f'{model_config.name!r} has no pretrained weights; these '
+                    f'do: {sorted(PRETRAINED)}')
+  spec = PRETRAINED[model_config.name]
+  path = resolve(model_config.pretrained, model_config.download_pretrained,
+                 spec.official)
+  loaded = spec.load(path, model_config)
+  return {collection: fit_to_model(loaded.get(collection, {}), tree, path,
+                                   keep=(spec.head,))
+          for collection, tree in variables.items()}
 
 
 def convert(source: str, destination: str) -> None:

@@ -1,9 +1,16 @@
 """Process-wide settings that every entry point applies first.
 
-`apply_defaults` runs when `jaxlab` is imported: XLA reads XLA_FLAGS once,
-when its first backend starts, and glibc gives each thread its malloc arena
-when the thread first allocates, so the defaults reach every program that
-imports jaxlab before it computes anything with JAX.
+Importing jaxlab applies none of them: entry points (launch.py, the
+benchmark) call `apply_defaults()` first thing, and a program that uses
+jaxlab as a library does the same to get them:
+
+    from jaxlab import runtime
+    runtime.apply_defaults()   # before JAX computes anything
+    import jax
+
+XLA reads XLA_FLAGS once, when its first backend starts, and glibc gives
+each thread its malloc arena when the thread first allocates, so they must
+come before JAX starts. Flags and variables the user set win.
 """
 
 import ctypes
@@ -70,7 +77,9 @@ def apply_malloc_defaults() -> dict:
 
 
 def apply_defaults() -> None:
-  """XLA flags and malloc settings; see XLA_DEFAULTS and MALLOC_DEFAULTS."""
+  """XLA flags and malloc settings (see XLA_DEFAULTS and MALLOC_DEFAULTS),
+  for this process and the processes it starts, where the user has not set
+  them."""
   apply_xla_defaults()
   apply_malloc_defaults()
 

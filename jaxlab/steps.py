@@ -17,6 +17,7 @@ from flax import struct
 from flax.training import train_state
 
 from jaxlab import optimizers
+from jaxlab import platforms
 from jaxlab.preprocessing import Preprocess
 
 AXIS = 'batch'  # The pmap axis: gradients and BatchNorm statistics average over it.
@@ -50,7 +51,7 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(model, optimizer_config, rng: jax.Array,
                        image_shape: tuple[int, ...],
-                       load_params=None) -> TrainState:
+                       load_variables=None) -> TrainState:
   """Initialises `model` on a dummy batch and builds its optimizer.
 
   Args:
@@ -58,8 +59,8 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
     optimizer_config: the config's `optimizer` section.
     rng: key for parameter initialisation and for the run's randomness.
     image_shape: (height, width, channels) of one input image.
-    load_params: optional function from the initial params to the params to
-      start from (pretrained weights).
+    load_variables: optional function from the initial variables ({'params':
+      ..., 'batch_stats': ...}) to those to start from (pretrained weights).
   """
   init_rng, state_rng = jax.random.split(rng)
   # Initialisation runs once: LLVM's optimisations would cost seconds of
@@ -68,9 +69,18 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
                  compiler_options={'xla_backend_optimization_level': 0})
   variables = init({'params': init_rng, 'dropout': init_rng},
                    jnp.zeros((1,) + tuple(image_shape), jnp.float32))
+  if load_variables is not None:
+    variables = load_variables(variables)
+  return train_state_from_variables(model, optimizer_config, variables,
+                                    state_rng)
+
+
+def train_state_from_variables(model, optimizer_config, variables: dict,
+                               rng: jax.Array) -> TrainState:
+  """The train state of `model` starting from `variables` ({'params': ...,
+  'batch_stats': ...}), with the config's optimizer; `rng` is the run's key.
+  """
   params = variables['params']
-  if load_params is not None:
-    params = load_params(params)
   labels = optimizers.frozen_mask(params, optimizer_config.get('frozen', ()))
   frozen = frozenset(
       path for path, label in flax.traverse_util.flatten_dict(labels).items()
@@ -78,7 +88,7 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
   return TrainState.create(
       apply_fn=model.apply, params=params,
       tx=optimizers.create_optimizer(optimizer_config, labels),
-      batch_stats=variables.get('batch_stats', {}), rng=state_rng,
+      batch_stats=variables.get('batch_stats', {}), rng=rng,
       frozen=frozen)
 
 
@@ -105,16 +115,27 @@ def cross_entropy(logits, labels):
       logits.astype(jnp.float32), labels)
 
 
-def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
+def _metrics(cls, axis_name: str | None, **outputs):
+  """`cls` (a clu Collection) of this step's outputs, over the devices of
+  `axis_name` (none: this computation's alone)."""
+  if axis_name is None:
+    return cls.single_from_model_output(**outputs)
+  return cls.gather_from_model_output(axis_name=axis_name, **outputs)
+
+
+def train_step(state: TrainState, batch: dict, preprocess: Preprocess,
+               axis_name: str | None = AXIS):
   """One SGD step on this device's share of the global batch (under pmap).
 
   The loss is the mean over the device's examples; gradients are averaged
-  over devices, so the update equals that of the whole global batch on one
-  device. Returns the new state and this step's `TrainMetrics`.
+  over the devices of `axis_name`, so the update equals that of the whole
+  global batch on one device (`axis_name=None`: a step of one jitted
+  computation, without collectives). Returns the new state and this step's
+  `TrainMetrics`.
   """
   step_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng, dropout_rng = jax.random.split(step_rng)
-  device = jax.lax.axis_index(AXIS)
+  device = 0 if axis_name is None else jax.lax.axis_index(axis_name)
   per_device = batch['label'].shape[0]
   images = preprocess(
       batch['image'], augment_rng,
@@ -133,26 +154,27 @@ def train_step(state: TrainState, batch: dict, preprocess: Preprocess):
 
   (_, (losses, logits, updates)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(trainable)
-  if jax.lax.psum(1, AXIS) > 1:  # Static; on one device the mean is a copy.
-    grads = jax.lax.pmean(grads, AXIS)
+  # Static; on one device the mean is a copy.
+  if axis_name is not None and jax.lax.psum(1, axis_name) > 1:
+    grads = jax.lax.pmean(grads, axis_name)
   grad_norm = optimizers.global_norm(grads)
   full_grads = _merge(grads, jax.tree.map(jnp.zeros_like, fixed))
   new_state = state.apply_gradients(
       grads=full_grads,
       batch_stats=updates.get('batch_stats', state.batch_stats))
-  step_metrics = TrainMetrics.gather_from_model_output(
-      axis_name=AXIS, loss=losses, logits=logits, labels=labels,
-      grad_norm=grad_norm)
+  step_metrics = _metrics(TrainMetrics, axis_name, loss=losses,
+                          logits=logits, labels=labels, grad_norm=grad_norm)
   return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch: dict, preprocess: Preprocess):
+def eval_step(state: TrainState, batch: dict, preprocess: Preprocess,
+              axis_name: str | None = AXIS):
   """Loss and accuracy of the real (mask 1) examples of a padded batch."""
   logits = state.apply_fn(_variables(state.params, state.batch_stats),
                           preprocess(batch['image']), train=False)
-  return EvalMetrics.gather_from_model_output(
-      axis_name=AXIS, loss=cross_entropy(logits, batch['label']),
-      logits=logits, labels=batch['label'], mask=batch['mask'])
+  return _metrics(EvalMetrics, axis_name,
+                  loss=cross_entropy(logits, batch['label']), logits=logits,
+                  labels=batch['label'], mask=batch['mask'])
 
 
 def replicate(tree):
@@ -188,11 +210,17 @@ def pmapped_steps(preprocess: Preprocess):
   extra copies of its 265 MiB kernel, a fifth of the step).
 
   The train step donates its input state, so the old state's buffers are
-  reused for the new one.
+  reused for the new one. Both are lowered per platform
+  (`platforms.per_platform`): the XLA:CPU program on CPU, flax's and optax's
+  plain program on GPUs and TPUs.
   """
-  p_train = jax.pmap(functools.partial(train_step, preprocess=preprocess),
-                     axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0),
-                     donate_argnums=(0,))
-  p_eval = jax.pmap(functools.partial(eval_step, preprocess=preprocess),
-                    axis_name=AXIS, in_axes=(None, 0))
+  p_train = jax.pmap(
+      platforms.per_platform(functools.partial(train_step,
+                                               preprocess=preprocess)),
+      axis_name=AXIS, in_axes=(None, 0), out_axes=(None, 0),
+      donate_argnums=(0,))
+  p_eval = jax.pmap(
+      platforms.per_platform(functools.partial(eval_step,
+                                               preprocess=preprocess)),
+      axis_name=AXIS, in_axes=(None, 0))
   return p_train, p_eval

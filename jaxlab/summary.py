@@ -1,8 +1,11 @@
 """The `--summary` table: every layer's output shape, parameters and FLOPs.
 
-Counts follow torchinfo, as in report A's Fig. 1: a layer's mult-adds are its
-parameter count (weights and bias) times the number of positions it is
-applied at, so `cnn2` at 4 x 180 x 180 with batch 64 gives 48.02 G.
+Counts follow torchinfo, as in report A's Fig. 1: a convolution's or dense
+layer's mult-adds are its parameter count (weights and bias) times the
+number of positions it is applied at, so `cnn2` at 4 x 180 x 180 with batch
+64 gives 48.02 G; a BatchNorm's are its parameter count times the batch
+size. Any `nn.Conv`, `nn.Dense` or `nn.BatchNorm` counts (`jaxlab.layers`'
+are those); functions without parameters (pooling, ReLU) count none.
 """
 
 import dataclasses
@@ -17,7 +20,8 @@ from jaxlab import input_pipeline
 from jaxlab import models
 from jaxlab import optimizers
 
-_COUNTED = (models.Conv, models.Dense)  # Layers whose mult-adds count.
+_PER_POSITION = (nn.Conv, nn.Dense)  # Mult-adds: params x positions.
+_PER_EXAMPLE = (nn.BatchNorm,)  # Mult-adds: params x batch size.
 
 
 @dataclasses.dataclass
@@ -74,12 +78,20 @@ def summarize(model: nn.Module, image_shape: tuple[int, ...], batch_size: int,
   No weights are materialised (shapes only), so it is instant for any model.
   """
   calls = []
+  running = []  # Modules whose __call__ is running (a subclass's calls
+  # its flax base's: one layer, one row).
 
   def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
     module = context.module
-    if context.method_name == '__call__' and module.path:
-      calls.append((module, out.shape))
+    if (context.method_name != '__call__' or not module.path or
+        any(m is module for m in running)):
+      return next_fun(*args, **kwargs)
+    running.append(module)
+    try:
+      out = next_fun(*args, **kwargs)
+    finally:
+      running.pop()
+    calls.append((module, out.shape))
     return out
 
   with nn.intercept_methods(record):
@@ -94,8 +106,12 @@ def summarize(model: nn.Module, image_shape: tuple[int, ...], batch_size: int,
     path = tuple(module.path)
     n_params = sum(math.prod(v.shape) for k, v in flat.items()
                    if k[:len(path)] == path)
-    positions = math.prod(shape[:-1])
-    mult_adds = n_params * positions if isinstance(module, _COUNTED) else 0
+    if isinstance(module, _PER_POSITION):
+      mult_adds = n_params * math.prod(shape[:-1])
+    elif isinstance(module, _PER_EXAMPLE):
+      mult_adds = n_params * shape[0]
+    else:
+      mult_adds = 0
     layers.append(Layer('.'.join(path), type(module).__name__, tuple(shape),
                         n_params, mult_adds))
   labels = flax.traverse_util.flatten_dict(

@@ -204,12 +204,13 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
       dtype=models.compute_dtype(config.half_precision))
   summary = summary_lib.summarize(model, image_shape, config.batch_size,
                                   config.optimizer.frozen)
-  load_params = None
+  load_variables = None
   if config.model.pretrained and not done_epochs:
-    load_params = functools.partial(pretrained.load_for_model, config.model)
+    load_variables = functools.partial(pretrained.load_for_model,
+                                       config.model)
   state = steps.create_train_state(model, config.optimizer,
                                    jax.random.PRNGKey(config.seed), image_shape,
-                                   load_params)
+                                   load_variables)
   if done_epochs:
     state = checkpoints.restore(done_epochs, state)
     logging.info('Resumed from the checkpoint of epoch %d.', done_epochs)

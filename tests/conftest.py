@@ -8,13 +8,19 @@ import subprocess
 import sys
 import tempfile
 
-import jax
-import numpy as np
-import pytest
-from PIL import Image
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs` and `jaxlab` import from the repo root.
+
+from jaxlab import runtime  # pylint: disable=wrong-import-position
+
+# The tests run under the speed defaults, as launch.py: before JAX starts.
+runtime.apply_defaults()
+
+import jax  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+from PIL import Image  # pylint: disable=wrong-import-position
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Compiled programs are shared between this session's launches, not with
 # earlier sessions or the user's cache.

@@ -30,24 +30,41 @@ def data_folders(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def small_vgg16_weights(tmp_path_factory):
-  """torchvision-format weights of a narrow VGG16 (see SMALL_VGG16)."""
+def small_weights(tmp_path_factory):
+  """torchvision-format weights of a narrow VGG16 and ResNets (see
+  SMALL_VGG16, SMALL_RESNET), by model name."""
   from safetensors.numpy import save_file
   from tests.test_pretrained import _small_torchvision_state
-  path = str(tmp_path_factory.mktemp('weights') / 'vgg16_small.safetensors')
-  save_file(_small_torchvision_state(), path)
-  return path
+  folder = tmp_path_factory.mktemp('weights')
+  paths = {name: str(folder / f'{name}_small.safetensors')
+           for name in ('vgg16', 'resnet18', 'resnet50')}
+  save_file(_small_torchvision_state(), paths['vgg16'])
+  torch = pytest.importorskip('torch')
+  from benchmarks.torch_models import TorchResNet
+  for name, stages, bottleneck in (('resnet18', (2, 2, 2, 2), False),
+                                   ('resnet50', (3, 4, 6, 3), True)):
+    model = TorchResNet(stages, bottleneck, widths=SMALL_RESNET_WIDTHS)
+    save_file({k: v.detach().numpy() for k, v in model.state_dict().items()},
+              paths[name])
+  return paths
 
 
-# VGG16's structure and names at a fraction of its width, so that every
-# VGG config trains for an epoch in seconds, from pretrained weights.
+# VGG16's and the ResNets' structure and names at a fraction of their
+# width, so that every such config trains for an epoch in seconds, from
+# pretrained weights.
 SMALL_VGG16 = ('--config.model.widths=(4, 8, 8, 16, 16)',
                '--config.model.classifier_width=32')
+SMALL_RESNET_WIDTHS = (4, 8, 8, 16)
 
 
-def _family_args(config, data_folders, small_vgg16_weights):
+def _family_args(config, data_folders, small_weights):
   name = os.path.basename(config)[:-3]
   common = ('--config.data.image_size=32', '--config.num_epochs=1')
+  if name.startswith('resnet'):  # On the offline digits, as by default.
+    model = name.split('_')[0]
+    return common + (
+        f'--config.model.widths={SMALL_RESNET_WIDTHS}',
+        f'--config.model.pretrained={small_weights[model]}'), 180
   if name.startswith(('scratch', 'vgg')):
     args = (f'--config.data.path={data_folders["presplit_rgb"]}',
             '--config.batch_size=2', '--config.eval_batch_size=4')
@@ -56,7 +73,7 @@ def _family_args(config, data_folders, small_vgg16_weights):
     if name.startswith('vgg'):
       # Report B's second setting, which the VGG runs were compared at.
       args += SMALL_VGG16 + (
-          f'--config.model.pretrained={small_vgg16_weights}',
+          f'--config.model.pretrained={small_weights["vgg16"]}',
           '--config.optimizer.learning_rate=0.002',
           '--config.optimizer.grad_clip_norm=0.5')
     return common + args, 6
@@ -77,7 +94,12 @@ def test_every_experiment_has_a_config():
 # differ from these in values only, and every config builds in test_summary.
 FAMILY_CONFIGS = ('configs/default.py', 'configs/fc_sigmoid.py',
                   'configs/cnn_rmsprop.py', 'configs/scratch_dropout.py',
-                  'configs/vgg_freeze_first15.py')
+                  'configs/vgg_freeze_first15.py',
+                  # New configs, all of them.
+                  'configs/resnet18_finetune.py',
+                  'configs/resnet18_freeze_backbone.py',
+                  'configs/resnet50_finetune.py',
+                  'configs/resnet50_freeze_backbone.py')
 
 
 def test_every_family_runs_end_to_end():
@@ -85,9 +107,9 @@ def test_every_family_runs_end_to_end():
 
 
 @pytest.mark.parametrize('config', FAMILY_CONFIGS)
-def test_one_short_epoch(config, data_folders, small_vgg16_weights, tmp_path):
+def test_one_short_epoch(config, data_folders, small_weights, tmp_path):
   workdir = str(tmp_path / 'run')
-  args, num_test = _family_args(config, data_folders, small_vgg16_weights)
+  args, num_test = _family_args(config, data_folders, small_weights)
   run_launch('--config', config, '--workdir', workdir, *args)
   results = records.read_results(workdir)
   assert results['epochs'] == 1
@@ -96,11 +118,11 @@ def test_one_short_epoch(config, data_folders, small_vgg16_weights, tmp_path):
   assert len(records.read_history(workdir)) == 1
 
 
-def test_relative_workdir(data_folders, small_vgg16_weights, tmp_path):
+def test_relative_workdir(data_folders, small_weights, tmp_path):
   """README's first command passes a workdir relative to the current
   directory (orbax needs absolute checkpoint paths)."""
   config = 'configs/cnn_bn.py'
-  args, _ = _family_args(config, data_folders, small_vgg16_weights)
+  args, _ = _family_args(config, data_folders, small_weights)
   run_launch('--config', os.path.join(ROOT, config), '--workdir',
              os.path.join('runs', 'cnn_bn'), *args, cwd=str(tmp_path))
   assert records.read_results(str(tmp_path / 'runs' / 'cnn_bn'))['epochs'] == 1

@@ -1,8 +1,7 @@
-"""The fast layers give the plain layers' outputs and gradients; the
-process-wide defaults (XLA flags, malloc) are applied and yield to the user."""
+"""The CPU implementations give the plain operations' outputs and
+gradients (see test_layers.py for the layers built on them)."""
 
 import functools
-import os
 import re
 
 import flax.linen as nn
@@ -11,9 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlab import models
 from jaxlab import ops
-from jaxlab import steps
 from tests.conftest import outputs_and_grads
 
 
@@ -76,38 +73,6 @@ def test_sums_store_no_full_size_intermediate(sums):
   assert max(sizes) < x.size // 8, sizes
 
 
-def _assert_layer_matches_flax(ours, plain, x, tolerance=1e-5):
-  """`ours` has `plain`'s parameters at initialisation, and (with non-zero
-  parameters) its outputs and gradients, within `tolerance`, in its dtypes."""
-  params = ours.init(jax.random.PRNGKey(1), x)
-  jax.tree.map(np.testing.assert_array_equal, params,
-               plain.init(jax.random.PRNGKey(1), x))
-  params = jax.tree.map(lambda p: p + 0.1, params)  # A non-zero bias.
-  loss = lambda module: lambda p, v: jnp.sum(
-      jnp.sin(module.apply(p, v).astype(jnp.float32)))
-  mine = jax.jit(jax.value_and_grad(loss(ours), argnums=(0, 1)))(params, x)
-  theirs = jax.jit(jax.value_and_grad(loss(plain), argnums=(0, 1)))(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=tolerance, atol=tolerance), mine, theirs)
-  assert jax.tree.map(jnp.dtype, mine) == jax.tree.map(jnp.dtype, theirs)
-
-
-@pytest.mark.parametrize('padding', ['VALID', ((1, 1), (1, 1))])
-def test_conv_matches_flax_conv(padding):
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
-  _assert_layer_matches_flax(models.Conv(5, (3, 3), padding=padding),
-                             nn.Conv(5, (3, 3), padding=padding), x)
-
-
-@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7)])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_dense_matches_flax_dense(shape, dtype):
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
-  _assert_layer_matches_flax(models.Dense(5, dtype=dtype),
-                             nn.Dense(5, dtype=dtype), x,
-                             tolerance=1e-5 if dtype == jnp.float32 else 2e-2)
-
-
 @pytest.mark.parametrize('padding', [((0, 0), (0, 0)), ((1, 1), (1, 1)),
                                      ((1, 0), (0, 2))])
 @pytest.mark.parametrize('channels', [3, 5])  # Shifted products up to 4.
@@ -147,38 +112,6 @@ def test_xla_conv2d_matches_lax_convolution(padding, channels,
     np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('train', [True, False])
-@pytest.mark.parametrize('relu', [False, True])  # With it: oneDNN's (CPU).
-def test_batch_norm_matches_flax(train, relu):
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5, 6)) * 3 + 2
-  ours = models.BatchNorm(use_running_average=not train, momentum=0.9,
-                          relu=relu)
-  plain = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5)
-  variables = ours.init(jax.random.PRNGKey(1), x)
-  jax.tree.map(np.testing.assert_array_equal, variables,
-               plain.init(jax.random.PRNGKey(1), x))
-  # Non-trivial scale, bias and running statistics.
-  variables = jax.tree.map(
-      lambda v: v + 0.3 * jax.random.normal(jax.random.PRNGKey(2), v.shape),
-      variables)
-
-  def loss(module, activation=lambda y: y):
-    def f(params, x):
-      y, updates = module.apply({**variables, 'params': params}, x,
-                                mutable=['batch_stats'])
-      y = activation(y)
-      return jnp.sum(jnp.sin(y)), (y, updates)
-    return jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))
-
-  mine = loss(ours)(variables['params'], x)
-  theirs = loss(plain, nn.relu if relu else lambda y: y)(variables['params'],
-                                                          x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                       atol=1e-5),
-               mine, theirs)
-
-
 def test_batch_norm_over_devices_is_batch_norm_of_the_whole_batch():
   # Four "devices" (a named vmap axis) with two examples each against one
   # batch of eight: statistics, outputs and gradients.
@@ -215,29 +148,3 @@ def test_batch_norm_over_devices_is_batch_norm_of_the_whole_batch():
   # Each device's parameter gradient is its own examples' share.
   close(dscale.sum(0), dscale1)
   close(dbias.sum(0), dbias1)
-
-
-def test_malloc_defaults_yield_to_the_environment(monkeypatch):
-  from jaxlab import runtime
-  monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
-  applied = runtime.apply_malloc_defaults()
-  if applied:  # glibc
-    assert applied == {'mmap_max': 0, 'trim_threshold': -1,
-                       'top_pad': 256 << 20}
-  monkeypatch.delenv('MALLOC_ARENA_MAX')
-  assert 'arena_max' in runtime.apply_malloc_defaults() or not applied
-
-
-def test_xla_defaults_are_applied_on_import_and_yield_to_the_user(monkeypatch):
-  from jaxlab import runtime
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
-  runtime.apply_xla_defaults()
-  assert os.environ['XLA_FLAGS'] == (
-      '--xla_force_host_platform_device_count=2 '
-      '--xla_cpu_experimental_ynn_fusion_type= '
-      '--xla_cpu_copy_insertion_use_region_analysis=true')
-  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
-  runtime.apply_xla_defaults()
-  assert os.environ['XLA_FLAGS'] == (
-      '--xla_cpu_experimental_ynn_fusion_type=dot '
-      '--xla_cpu_copy_insertion_use_region_analysis=true')

@@ -238,10 +238,12 @@ def test_official_weights_download_into_the_cache(file_server, tmp_path,
   path = _save_safetensors(_small_torchvision_state(),
                            str(served / 'vgg16-397923af.pth'))
   monkeypatch.setenv('JAXLAB_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setattr(pretrained, 'TORCHVISION_VGG16', pretrained.WeightsFile(
-      f'{url}/vgg16-397923af.pth', downloads.sha256_of(path)))
-  got = pretrained.resolve('torchvision', allow_download=True)
+  official = pretrained.WeightsFile(f'{url}/vgg16-397923af.pth',
+                                    downloads.sha256_of(path))
+  got = pretrained.resolve('torchvision', allow_download=True,
+                           official=official)
   assert got == str(tmp_path / 'cache' / 'vgg16-397923af.pth')
   assert downloads.sha256_of(got) == downloads.sha256_of(path)
   # Found in the cache, it is used without any network.
-  assert pretrained.resolve('torchvision', allow_download=False) == got
+  assert pretrained.resolve('torchvision', allow_download=False,
+                            official=official) == got

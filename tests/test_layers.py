@@ -1,0 +1,197 @@
+"""jaxlab.layers: plain flax outside the CPU program; in it, jaxlab's CPU
+implementations where they apply, with flax's outputs and gradients, and
+flax's own layers everywhere else."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlab import layers
+from jaxlab import onednn
+from jaxlab import platforms
+
+_ONEDNN = 'jaxlab_onednn'
+
+
+def _loss(module, train_kwargs=None):
+  """sum(sin(module(x))) and its gradients by params and x; batch_stats
+  updates (if any) as aux."""
+  def f(params, variables, x):
+    out = module.apply({**variables, 'params': params}, x,
+                       **(train_kwargs or {}))
+    y, updates = out if train_kwargs and 'mutable' in train_kwargs else (
+        out, {})
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))), updates
+  return jax.value_and_grad(f, argnums=(0, 2), has_aux=True)
+
+
+def _run(module, variables, x, cpu: bool, train_kwargs=None):
+  """Outputs and gradients, traced as the CPU program or the plain one;
+  with the HLO text."""
+  def f(params, rest, x):
+    with platforms.tracing_cpu_program(cpu):
+      return _loss(module, train_kwargs)(params, rest, x)
+  rest = {k: v for k, v in variables.items() if k != 'params'}
+  jitted = jax.jit(f)
+  return (jitted(variables['params'], rest, x),
+          jitted.lower(variables['params'], rest, x).as_text())
+
+
+def _assert_same(module, x, *, fast: bool, tolerance=1e-5, train_kwargs=None,
+                 flax_module=None):
+  """`module` has `flax_module`'s variables at initialisation; with non-zero
+  parameters, the CPU program's outputs and gradients equal the plain
+  program's (and flax's own); `fast`: whether the CPU program left XLA
+  (oneDNN) or not."""
+  variables = module.init(jax.random.PRNGKey(1), x)
+  if flax_module is not None:
+    jax.tree.map(np.testing.assert_array_equal, variables,
+                 flax_module.init(jax.random.PRNGKey(1), x))
+  variables = jax.tree.map(
+      lambda v: v + 0.2 * jax.random.normal(jax.random.PRNGKey(2), v.shape,
+                                            v.dtype), variables)
+  mine, cpu_hlo = _run(module, variables, x, True, train_kwargs)
+  plain, plain_hlo = _run(module, variables, x, False, train_kwargs)
+  assert _ONEDNN not in plain_hlo
+  if onednn.available():
+    assert (_ONEDNN in cpu_hlo) == fast, cpu_hlo[:2000]
+  if flax_module is not None:
+    theirs, _ = _run(flax_module, variables, x, True, train_kwargs)
+    jax.tree.map(np.testing.assert_array_equal, plain, theirs)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=tolerance, atol=tolerance), mine, plain)
+  assert jax.tree.map(jnp.dtype, mine) == jax.tree.map(jnp.dtype, plain)
+
+
+def _x(shape, dtype=jnp.float32):
+  return jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+
+
+@pytest.mark.parametrize('kwargs,fast', [
+    (dict(features=5, kernel_size=(3, 3)), True),  # SAME.
+    (dict(features=5, kernel_size=(3, 3), padding='VALID'), True),
+    (dict(features=5, kernel_size=(3, 3), padding=((1, 0), (2, 1))), True),
+    (dict(features=5, kernel_size=(3, 3), padding=1, use_bias=False), True),
+    (dict(features=5, kernel_size=(1, 1),
+          kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out',
+                                                       'normal')), True),
+    # Configurations oneDNN's path does not take: flax's.
+    (dict(features=5, kernel_size=(3, 3), strides=2), False),
+    (dict(features=6, kernel_size=(3, 3), feature_group_count=2), False),
+    (dict(features=5, kernel_size=(3, 3), kernel_dilation=2), False),
+    (dict(features=5, kernel_size=(3, 3), padding='CIRCULAR'), False),
+    (dict(features=5, kernel_size=(3, 3), dtype=jnp.bfloat16), False),
+])
+def test_conv_is_flax_conv(kwargs, fast):
+  tolerance = 2e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-4
+  _assert_same(layers.Conv(**kwargs), _x((2, 9, 8, 4)), fast=fast,
+               tolerance=tolerance, flax_module=nn.Conv(**kwargs))
+
+
+def test_conv_of_a_single_example_or_1d_is_flax_conv():
+  _assert_same(layers.Conv(3, (3, 3)), _x((9, 8, 4)), fast=False,
+               flax_module=nn.Conv(3, (3, 3)))
+  _assert_same(layers.Conv(3, (3,)), _x((2, 9, 4)), fast=False,
+               flax_module=nn.Conv(3, (3,)))
+
+
+@pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7), (7,)])
+@pytest.mark.parametrize('kwargs', [dict(features=5),
+                                    dict(features=5, use_bias=False),
+                                    dict(features=5, dtype=jnp.bfloat16)])
+def test_dense_is_flax_dense(shape, kwargs):
+  tolerance = 2e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-5
+  _assert_same(layers.Dense(**kwargs), _x(shape), fast=False,
+               tolerance=tolerance, flax_module=nn.Dense(**kwargs))
+
+
+class _NormRelu(nn.Module):
+  """BatchNorm, then `layers.relu` (fusable) or its result used twice."""
+  train: bool
+  fuse: bool = True
+  kwargs: dict | None = None
+  flax_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    norm = nn.BatchNorm if self.flax_layers else layers.BatchNorm
+    y = norm(use_running_average=not self.train, momentum=0.9,
+             name='bn', **(self.kwargs or {}))(x)
+    if self.flax_layers:
+      return nn.relu(y)
+    if self.fuse:
+      return layers.relu(y)
+    return layers.relu(y) + y  # y is needed: both run.
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('fuse', [True, False])
+def test_batch_norm_and_relu_are_flax_batch_norm_and_relu(train, fuse):
+  x = _x((3, 7, 5, 6)) * 3 + 2
+  train_kwargs = {'mutable': ['batch_stats']} if train else None
+  _assert_same(_NormRelu(train, fuse), x, fast=train, tolerance=1e-4,
+               train_kwargs=train_kwargs,
+               flax_module=_NormRelu(train, flax_layers=True) if fuse else None)
+
+
+@pytest.mark.parametrize('kwargs', [dict(use_scale=False), dict(axis=1),
+                                    dict(use_fast_variance=False),
+                                    dict(dtype=jnp.bfloat16)])
+def test_batch_norm_options_the_fast_path_skips_are_flaxs(kwargs):
+  tolerance = 5e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-5
+  _assert_same(_NormRelu(True, kwargs=kwargs), _x((3, 7, 5, 6)), fast=False,
+               tolerance=tolerance, train_kwargs={'mutable': ['batch_stats']})
+
+
+def test_fused_batch_norm_relu_runs_oneDNN_once_each_way():
+  """The unfused normalisation, which `relu` replaced, costs nothing: only
+  oneDNN's forward and gradient run, once each."""
+  if not onednn.available():
+    pytest.skip('oneDNN is not installed')
+  x = _x((4, 6, 6, 8))
+  module = _NormRelu(True)
+  variables = module.init(jax.random.PRNGKey(0), x)
+  _, hlo = _run(module, variables, x, True, {'mutable': ['batch_stats']})
+  assert hlo.count('jaxlab_onednn_batch_norm_relu') == 2
+
+
+@pytest.mark.parametrize('window,strides,padding,fast', [
+    ((2, 2), (2, 2), 'VALID', True),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), True),
+    ((3, 3), None, 'SAME', True),  # flax's default stride is 1.
+    ((3, 3), (2, 2), 'SAME', False),  # Uneven padding: flax's.
+    ((2, 3), (2, 2), 'VALID', False),
+])
+def test_max_pool_is_flax_max_pool(window, strides, padding, fast):
+  x = _x((2, 9, 8, 3))
+  with platforms.tracing_cpu_program():
+    jaxpr = str(jax.make_jaxpr(
+        lambda v: layers.max_pool(v, window, strides, padding))(x))
+  assert ('reduce_window_max' not in jaxpr) == fast
+  ours = lambda cpu: jax.jit(
+      lambda v: _traced(cpu, layers.max_pool, v, window, strides, padding))
+  plain = jax.jit(lambda v: nn.max_pool(v, window, strides, padding))
+  cotangent = np.asarray(_x(plain(x).shape))
+  for f in (ours(True), ours(False)):
+    out, vjp = jax.vjp(f, x)
+    np.testing.assert_array_equal(out, plain(x))
+    np.testing.assert_allclose(vjp(cotangent)[0],
+                               jax.vjp(plain, x)[1](cotangent)[0],
+                               rtol=1e-6, atol=1e-6)  # Overlaps sum apart.
+
+
+def _traced(cpu, fn, *args):
+  with platforms.tracing_cpu_program(cpu):
+    return fn(*args)
+
+
+def test_outside_the_cpu_program_every_layer_is_flaxs():
+  x = _x((2, 8, 8, 3))
+  model = nn.Sequential([layers.Conv(4, (3, 3)), layers.relu,
+                         lambda v: layers.max_pool(v, (2, 2), (2, 2)),
+                         layers.Dense(3)])
+  variables = model.init(jax.random.PRNGKey(0), x)
+  hlo = jax.jit(model.apply).lower(variables, x).as_text()
+  assert _ONEDNN not in hlo and 'custom_call' not in hlo

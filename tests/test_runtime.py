@@ -1,0 +1,82 @@
+"""Importing jaxlab changes nothing in the process; the speed defaults are
+applied by one call, and yield to what the user set."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+# Imports, first, the libraries jaxlab's modules import at their top (some,
+# TensorFlow's above all, set variables of their own on import), then
+# jaxlab's modules and the configs: what changes then is jaxlab's doing.
+_IMPORT_EVERYTHING = r'''
+import ast, glob, importlib, json, os, pkgutil, sys
+sys.path.insert(0, ROOT)
+libraries = set()
+for path in glob.glob(os.path.join(ROOT, 'jaxlab', '*.py')):
+  for node in ast.parse(open(path).read()).body:
+    if isinstance(node, ast.Import):
+      libraries.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      libraries.add(node.module)
+      # `from clu import metric_writers` imports a module of its own.
+      libraries.update(f'{node.module}.{a.name}' for a in node.names)
+for name in sorted(l for l in libraries if not l.startswith('jaxlab')):
+  try:
+    importlib.import_module(name)
+  except ImportError:  # A name, not a module: imported with its module.
+    pass
+import jax
+before = (dict(os.environ), dict(jax.config.values))
+import jaxlab
+modules = [m.name for m in pkgutil.walk_packages(jaxlab.__path__, 'jaxlab.')]
+modules += ['configs.' + os.path.basename(p)[:-3] for p in
+            glob.glob(os.path.join(ROOT, 'configs', '*.py'))]
+for name in modules:
+  importlib.import_module(name)
+after = (dict(os.environ), dict(jax.config.values))
+changed = {k for k in set(before[0]) | set(after[0])
+           if before[0].get(k) != after[0].get(k)}
+config = {k for k in before[1] if str(before[1][k]) != str(after[1].get(k))}
+print(json.dumps({'modules': len(modules), 'environ': sorted(changed),
+                  'jax_config': sorted(config)}))
+'''
+
+
+def test_importing_jaxlab_and_every_module_changes_no_environment():
+  env = {k: v for k, v in os.environ.items()
+         if k != 'XLA_FLAGS' and not k.startswith('MALLOC_')}
+  proc = subprocess.run(
+      [sys.executable, '-c', f'ROOT = {ROOT!r}\n' + _IMPORT_EVERYTHING],
+      env=env, capture_output=True, text=True, timeout=300, check=True)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['modules'] > 20
+  assert result['environ'] == [] and result['jax_config'] == [], result
+
+
+def test_malloc_defaults_yield_to_the_environment(monkeypatch):
+  from jaxlab import runtime
+  monkeypatch.setenv('MALLOC_ARENA_MAX', '4')
+  applied = runtime.apply_malloc_defaults()
+  if applied:  # glibc
+    assert applied == {'mmap_max': 0, 'trim_threshold': -1,
+                       'top_pad': 256 << 20}
+  monkeypatch.delenv('MALLOC_ARENA_MAX')
+  assert 'arena_max' in runtime.apply_malloc_defaults() or not applied
+
+
+def test_xla_defaults_yield_to_the_user(monkeypatch):
+  from jaxlab import runtime
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  runtime.apply_xla_defaults()
+  assert os.environ['XLA_FLAGS'] == (
+      '--xla_force_host_platform_device_count=2 '
+      '--xla_cpu_experimental_ynn_fusion_type= '
+      '--xla_cpu_copy_insertion_use_region_analysis=true')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_experimental_ynn_fusion_type=dot')
+  runtime.apply_xla_defaults()
+  assert os.environ['XLA_FLAGS'] == (
+      '--xla_cpu_experimental_ynn_fusion_type=dot '
+      '--xla_cpu_copy_insertion_use_region_analysis=true')
