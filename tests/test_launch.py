@@ -60,11 +60,13 @@ SMALL_RESNET_WIDTHS = (4, 8, 8, 16)
 def _family_args(config, data_folders, small_weights):
   name = os.path.basename(config)[:-3]
   common = ('--config.data.image_size=32', '--config.num_epochs=1')
-  if name.startswith('resnet'):  # On the offline digits, as by default.
+  if name.startswith('resnet'):
     model = name.split('_')[0]
     return common + (
+        f'--config.data.path={data_folders["presplit_rgb"]}',
+        '--config.batch_size=2', '--config.eval_batch_size=4',
         f'--config.model.widths={SMALL_RESNET_WIDTHS}',
-        f'--config.model.pretrained={small_weights[model]}'), 180
+        f'--config.model.pretrained={small_weights[model]}'), 6
   if name.startswith(('scratch', 'vgg')):
     args = (f'--config.data.path={data_folders["presplit_rgb"]}',
             '--config.batch_size=2', '--config.eval_batch_size=4')
