@@ -2,7 +2,8 @@
 
 `jaxlab.layers` calls these when it traces the XLA:CPU program (see
 `jaxlab.platforms`); GPUs and TPUs get flax's own layers. Each gives the
-plain layer's outputs and gradients, to float rounding.
+plain layer's outputs and gradients, to float rounding; what each saves is
+measured in benchmarks/README.md.
 
 `max_pool` (2 x 2 windows in cnn2, scratch_cnn and VGG16; 3 x 3, stride 2,
 padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
@@ -103,8 +104,7 @@ def _max_pool_fwd(x, k, stride, padding):
 def _max_pool_bwd(k, stride, padding, saved, g):
   first, shape = saved
   # Stored, the window indices are computed once, not in the gradient's
-  # fusion for each element (4x the work; scratch_cnn's step ran 17 %
-  # faster, cnn_bn's 3x3 pools' 5 %).
+  # fusion for each element (4x the work).
   return (_stored(g, functools.partial(_pool_grad, k, stride, padding, shape),
                   functools.partial(_pool_grad_by_window_element, k, stride,
                                     padding, shape),
@@ -120,8 +120,7 @@ def _pool_grad(k, stride, padding, shape, first, g):
   a sum of that many g's shifted by d, each where `first` picks the
   element, over [B, Q, stride, Q', stride, C]. With tiling windows (stride
   k) it is g broadcast to each window's first maximum. Cheaper than adding
-  the k * k window elements' gradients at their strided positions (cnn_bn's
-  first 3 x 3 pool: 7 against 15 ms).
+  the k * k window elements' gradients at their strided positions.
   """
   b, height, width, c = shape
   ho, wo = first.shape[1:3]
@@ -217,9 +216,8 @@ def _channel_sums(*xs):
 
   The sums run over the rows of the [rows, W * C] views, then over W (see
   `_sum_rows`). The first stage makes one pass over the data, fused with
-  whatever computes it, with no intermediate stored: cnn_bn's BatchNorm
-  statistics over [64, 180, 180, 16] take 6 ms, against 40 ms when XLA:CPU
-  reduced the columns of a stored x * x through a reduce-window tree.
+  whatever computes it, with no intermediate stored, where XLA:CPU would
+  reduce the columns of a stored x * x through a reduce-window tree.
   """
   shape = xs[0].shape
   channels = shape[-1]
@@ -232,9 +230,8 @@ def _channel_sums(*xs):
 
 def sum_of_squares(x):
   """The float32 sum of x * x over all of x, in one pass (see
-  `_channel_sums`): VGG16's first classifier kernel takes 16 ms, against
-  58 ms as a dot product, which XLA:CPU rewrites into a product stored in
-  full and a reduce-window tree over it."""
+  `_channel_sums`), where XLA:CPU rewrites a dot product into a product
+  stored in full and a reduce-window tree over it."""
   x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
   return jnp.sum(_channel_sums(x * x))
 
@@ -248,7 +245,7 @@ def _conv(x, kernel, padding):
 
 
 # With this few input channels (images: 3 or 4), XLA:CPU's convolution runs
-# 3-5x slower than the same sum written out as shifted products.
+# several times slower than the same sum written out as shifted products.
 _SHIFTED_PRODUCTS_MAX_CHANNELS = 4
 
 
@@ -329,11 +326,9 @@ def _channels_first_4d(x):
   return jnp.transpose(x, (3, 1, 2, 0))
 
 
-# Below this size (32 MiB of float32) a fused transpose costs a few ms and
-# the conditional's own cost outweighs it: scratch_cnn, whose activations are
-# at most 24 MiB, ran 5-7 % slower with it. cnn_bn's conv4 input (63 MiB)
-# is above it: its transpose fused with BatchNorm and ReLU took 170 ms of
-# thread time a step, against 29 ms stored.
+# Below this size (32 MiB of float32) a fused transpose is cheap and the
+# conditional's own cost outweighs it (scratch_cnn's activations, at most
+# 24 MiB, ran slower with it; cnn_bn's conv4 input is above it).
 _STORED_TRANSPOSE_MIN_SIZE = 2**23
 
 
@@ -342,8 +337,8 @@ def _conv_kernel_grad(x, g, padding):
 
   As in XLA's own gradient, x goes to [C, H, W, N] and g to [H, W, N, O].
   XLA fuses x's producer (bias and ReLU, BatchNorm) into x's transpose; such
-  a fused transpose reads x with a stride and runs 3-7x slower than the pure
-  one (cnn2's conv2 input: 200-360 ms against 52-66 ms). For large x, the
+  a fused transpose reads x with a stride and runs several times slower
+  than the pure one. For large x, the
   transpose here runs through `_stored`, so it reads the stored activation
   instead of recomputing it.
   """
@@ -383,10 +378,10 @@ def _dense_fwd(x, kernel, bias):
 def _dense_input_grad(g, kernel):
   """g @ kernel.T, [batch, in].
 
-  XLA:CPU runs this product 1.4-7x slower than kernel @ g.T, the same
-  product with its operands swapped (VGG16's first classifier layer at
-  batch 8: 175 against 35 ms). The barrier stops XLA from folding the
-  transpose back into the product; the transpose itself is batch x in.
+  XLA:CPU runs this product several times slower than kernel @ g.T, the
+  same product with its operands swapped. The barrier stops XLA from
+  folding the transpose back into the product; the transpose itself is
+  batch x in.
   """
   swapped = jax.lax.dot_general(kernel, g, (((1,), (1,)), ((), ())))
   return jax.lax.optimization_barrier(swapped).T
@@ -423,8 +418,7 @@ def batch_statistics(x, axis_name: str | None = None):
   `batch_normalize` and the running averages.
 
   XLA:CPU reduces over the batch, height and width axes through slow
-  reduce-windows (cnn_bn: 0.9 s of thread time a step); here the sums run
-  as `_channel_sums`.
+  reduce-windows; here the sums run as `_channel_sums`.
   """
   x32 = x.astype(jnp.float32)
   mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
@@ -463,9 +457,9 @@ def _uses_onednn_batch_norm(x, axis_name) -> bool:
   NHWC, with statistics of this device's batch alone.
 
   oneDNN normalises and ReLUs in one pass, and computes the gradient in two
-  (x's, through the statistics, with scale's and bias's): cnn_bn's first
-  layer, forward and backward, takes 30-33 ms where XLA's fusions take
-  62-70. Its gradient sums over this device's batch only, so with the
+  (x's, through the statistics, with scale's and bias's), where XLA's
+  fusions make five. Its gradient sums over this device's batch only, so
+  with the
   statistics averaged over several devices the gradient stays XLA's
   (`_batch_normalized`).
   """

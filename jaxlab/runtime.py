@@ -25,10 +25,9 @@ XLA_DEFAULTS = {
     'xla_cpu_experimental_ynn_fusion_type': '',
     # Without it, XLA:CPU copies every parameter that the input gradient
     # reads before the in-place update overwrites it (all of VGG16's
-    # weights, 553 MB a step), and the copies run beside the first
+    # weights, every step), and the copies run beside the first
     # convolutions, slowing them down. Region analysis orders the update
-    # after those reads instead (a control dependency): VGG16's step
-    # 4.01 -> 3.81 s.
+    # after those reads instead (a control dependency).
     'xla_cpu_copy_insertion_use_region_analysis': 'true',
 }
 
@@ -37,16 +36,14 @@ XLA_DEFAULTS = {
 # every step's temporaries and outputs with malloc from its worker threads;
 # glibc serves those from per-thread arenas, whose large blocks are fresh
 # mmaps, returned to the OS on free. Every step then page-faults its whole
-# working set back in: 0.1 s per 256 MiB here, more than half of fc's step.
-# One arena, no mmap and no trimming keep freed memory for the next step.
-# Cost: the process keeps its peak heap (fc: 1.9 -> 3.4 GiB resident).
-# The heap grows with 256 MiB to spare (address space, resident only once
+# working set back in. One arena, no mmap and no trimming keep freed memory
+# for the next step. Cost: the process keeps its peak heap resident. The
+# heap grows with 256 MiB to spare (address space, resident only once
 # used): small blocks allocated during a step then split the hole the
 # step's largest buffer left less often (not never); when they do, the
 # next step's copy no longer fits and the heap grows by that buffer's size,
-# page-faulted (cnn2: 1.3 GiB, +1-3 s that step, up to 5.1 instead of
-# 2.4 GiB resident; it grew in 6 of 6 runs without the spare room, 0 of 5
-# with it). The environment's MALLOC_* variables win.
+# page-faulted. benchmarks/README.md has the figures. The environment's
+# MALLOC_* variables win.
 MALLOC_DEFAULTS = {
     # name: (mallopt parameter, environment variable, value)
     'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),

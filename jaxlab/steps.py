@@ -207,7 +207,7 @@ def pmapped_steps(preprocess: Preprocess):
   keeps the state's shapes free of pmap's device axis inside the step, so
   that XLA updates parameters and momentum in place: with a leading axis of
   1, the reshapes around each leaf made it copy them instead (fc's step: two
-  extra copies of its 265 MiB kernel, a fifth of the step).
+  extra copies of its largest kernel).
 
   The train step donates its input state, so the old state's buffers are
   reused for the new one. Both are lowered per platform
