@@ -420,11 +420,12 @@ def batch_statistics(x, axis_name: str | None = None):
   XLA:CPU reduces over the batch, height and width axes through slow
   reduce-windows; here the sums run as `_channel_sums`.
   """
-  x32 = x.astype(jnp.float32)
+  # No gradient from the start: else autodiff traces the sums' tangents,
+  # which their optimization barriers keep alive.
+  x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
   mean, mean_of_squares = _batch_means(_channel_sums(x32, x32 * x32),
                                        x.size // x.shape[-1], axis_name)
-  var = jnp.maximum(0.0, mean_of_squares - mean * mean)
-  return jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+  return mean, jnp.maximum(0.0, mean_of_squares - mean * mean)
 
 
 def batch_normalize(x, mean, var, scale, bias, epsilon: float,

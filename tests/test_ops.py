@@ -148,3 +148,16 @@ def test_batch_norm_over_devices_is_batch_norm_of_the_whole_batch():
   # Each device's parameter gradient is its own examples' share.
   close(dscale.sum(0), dscale1)
   close(dbias.sum(0), dbias1)
+
+
+def test_batch_statistics_trace_no_tangents():
+  """The statistics have no gradient: differentiating through them traces
+  no tangent sums (their optimization barriers would keep those alive, and
+  cnn_bn's compiled step had twice its fusions)."""
+  x = jnp.ones((4, 5, 5, 3))
+  primal = str(jax.make_jaxpr(ops.batch_statistics)(x))
+  jvp = str(jax.make_jaxpr(
+      lambda v, t: jax.jvp(ops.batch_statistics, (v,), (t,)))(x, x))
+  assert primal.count('optimization_barrier') > 0
+  assert jvp.count('optimization_barrier') == primal.count(
+      'optimization_barrier')
