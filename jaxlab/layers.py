@@ -105,7 +105,7 @@ class Dense(nn.Dense):
     return y.reshape(*inputs.shape[:-1], self.features)
 
   def _cpu_covers(self, inputs) -> bool:
-    return (platforms.cpu_program() is not None and inputs.ndim >= 1 and
+    return (platforms.cpu_program() is not None and
             self.precision is None and self.dot_general is None and
             self.dot_general_cls is None and
             self.promote_dtype is flax_linear.promote_dtype and

@@ -38,6 +38,19 @@ def _max_pool_2x2(x):
   return layers.max_pool(x, (2, 2), strides=(2, 2))
 
 
+# torchvision's initialisation of ResNet convolutions (kaiming_normal_,
+# fan_out, ReLU gain).
+_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _batch_norm(train: bool, axis_name, dtype, name: str):
+  """BatchNorm with PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 in
+  flax's convention) and epsilon 1e-5."""
+  return layers.BatchNorm(use_running_average=not train, momentum=0.9,
+                          epsilon=1e-5, axis_name=axis_name, dtype=dtype,
+                          name=name)
+
+
 def _valid_conv_blocks(x, channels: Sequence[int], convs_per_pool: int,
                        dtype):
   """Valid 3x3 convolutions `conv1`, `conv2`, ... with ReLU, and a 2x2
@@ -207,19 +220,6 @@ class VGG16(nn.Module):
                      name=f'classifier.{index + 2}')(x)
     return layers.Dense(self.num_classes, dtype=self.dtype,
                         name='classifier.6')(x)
-
-
-# torchvision's initialisation of ResNet convolutions (kaiming_normal_,
-# fan_out, ReLU gain).
-_KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
-
-def _batch_norm(train: bool, axis_name, dtype, name: str):
-  """BatchNorm with PyTorch's BatchNorm2d defaults: momentum 0.1 (0.9 in
-  flax's convention) and epsilon 1e-5."""
-  return layers.BatchNorm(use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5, axis_name=axis_name, dtype=dtype,
-                          name=name)
 
 
 class _ResidualBlock(nn.Module):

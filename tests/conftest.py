@@ -63,6 +63,34 @@ def outputs_and_grads(f, cotangent, *args):
   return (out, *vjp(cotangent))
 
 
+def train_checking_freezing(state, batch, trace_of, num_steps: int = 2):
+  """Trains `state` for `num_steps` pmapped steps on `batch` and checks what
+  freezing promises: frozen parameters keep their values, every other one
+  changes, and only trainable ones have momentum (the optimizer's trace,
+  `trace_of(opt_state)`). Returns the final state."""
+  import flax.traverse_util  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxlab import steps  # pylint: disable=g-import-not-at-top
+  from jaxlab.preprocessing import Preprocess  # pylint: disable=g-import-not-at-top
+  start = flax.traverse_util.flatten_dict(jax.device_get(state.params))
+  p_train, _ = steps.pmapped_steps(Preprocess())
+  replicated = steps.replicate(state)
+  for _ in range(num_steps):
+    replicated, _ = p_train(replicated, batch)
+  final = steps.unreplicate(replicated)
+  end = flax.traverse_util.flatten_dict(jax.device_get(final.params))
+  for path in start:
+    if path in state.frozen:
+      np.testing.assert_array_equal(end[path], start[path], err_msg=str(path))
+    else:
+      assert not np.array_equal(end[path], start[path]), path
+  for path, leaf in flax.traverse_util.flatten_dict(
+      trace_of(final.opt_state),
+      is_leaf=lambda _, x: isinstance(x, optax.MaskedNode)).items():
+    assert isinstance(leaf, optax.MaskedNode) == (path in state.frozen), path
+  return final
+
+
 def _launch_env(devices: int) -> dict:
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'

@@ -5,7 +5,6 @@ import flax.traverse_util
 import jax
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from configs import resnet18_finetune
@@ -16,7 +15,7 @@ from jaxlab import pretrained
 from jaxlab import steps
 from jaxlab import summary
 from jaxlab.errors import UserError
-from jaxlab.preprocessing import Preprocess
+from tests.conftest import train_checking_freezing
 
 _STAGES = {'resnet18': ((2, 2, 2, 2), False), 'resnet50': ((3, 4, 6, 3), True)}
 _MODELS = {'resnet18': models.ResNet18, 'resnet50': models.ResNet50}
@@ -126,25 +125,12 @@ def test_freezing_presets_train_only_what_they_say(config_module, trains):
                           axis_name=steps.AXIS)
   state = steps.create_train_state(model, config.optimizer,
                                    jax.random.PRNGKey(0), (32, 32, 3))
-  start = flax.traverse_util.flatten_dict(jax.device_get(state.params))
   rng = np.random.default_rng(0)
   batch = {'image': rng.integers(0, 255, (1, 4, 32, 32, 3), dtype=np.uint8),
            'label': rng.integers(0, 5, (1, 4)).astype(np.int32)}
-  p_train, _ = steps.pmapped_steps(Preprocess())
-  replicated = steps.replicate(state)
-  for _ in range(2):
-    replicated, _ = p_train(replicated, batch)
-  final = steps.unreplicate(replicated)
-  end = flax.traverse_util.flatten_dict(jax.device_get(final.params))
-  expected_frozen = ({p for p in start if p[0] != 'fc'}
-                     if trains == 'fc only' else set())
-  assert state.frozen == expected_frozen
-  for path in start:
-    if path in state.frozen:
-      np.testing.assert_array_equal(end[path], start[path], err_msg=str(path))
-    else:
-      assert not np.array_equal(end[path], start[path]), path
-  trace = final.opt_state.inner_states['trainable'].inner_state[0].trace
-  for path, leaf in flax.traverse_util.flatten_dict(
-      trace, is_leaf=lambda _, x: isinstance(x, optax.MaskedNode)).items():
-    assert isinstance(leaf, optax.MaskedNode) == (path in state.frozen), path
+  backbone = {path for path in flax.traverse_util.flatten_dict(state.params)
+              if path[0] != 'fc'}
+  assert state.frozen == (backbone if trains == 'fc only' else set())
+  train_checking_freezing(
+      state, batch, lambda opt_state: opt_state.inner_states[
+          'trainable'].inner_state[0].trace)
