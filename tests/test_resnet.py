@@ -134,3 +134,19 @@ def test_freezing_presets_train_only_what_they_say(config_module, trains):
   train_checking_freezing(
       state, batch, lambda opt_state: opt_state.inner_states[
           'trainable'].inner_state[0].trace)
+
+
+@pytest.mark.parametrize('name,filename', [
+    ('resnet18', 'resnet18-f37072fd.pth'), ('resnet50', 'resnet50-0676ba61.pth')])
+def test_missing_official_file_names_it_and_its_url(name, filename, tmp_path,
+                                                    monkeypatch):
+  monkeypatch.setenv('JAXLAB_CACHE', str(tmp_path))
+  config = ml_collections.ConfigDict(dict(name=name, pretrained='torchvision',
+                                          download_pretrained=False))
+  with pytest.raises(UserError) as e:
+    pretrained.load_for_model(config, {'params': {}})
+  message = str(e.value)
+  assert str(tmp_path / filename) in message
+  assert f'https://download.pytorch.org/models/{filename}' in message
+  assert pretrained.PRETRAINED[name].official.sha256.startswith(
+      filename.split('-')[1][:8])  # torchvision's names carry the hash.
