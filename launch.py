@@ -120,14 +120,36 @@ def _exit_with_flag_error(e: Exception, argv) -> None:
   sys.exit(2)
 
 
+def _config_file(argv) -> str:
+  """The --config file named in argv (without a `:argument`)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1].split(':')[0]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':')[0]
+  return DEFAULT_CONFIG
+
+
 def _parse_flags(argv):
   """absl's parsing, with a bad config file or override as one line."""
+  path = _config_file(argv)
+  if not os.path.isfile(path):
+    print(f'error: config file {path} does not exist; give a file such as '
+          'configs/default.py', file=sys.stderr)
+    sys.exit(2)
   try:
     argv = FLAGS(argv)
     FLAGS.config.keys()  # The config file loads lazily: load it here.
     return argv
   except _FLAG_ERRORS as e:
     _exit_with_flag_error(e, argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file's own code failed (a syntax error, a bad import).
+    cause = e.__cause__ or e
+    first_line = (str(cause).splitlines() or [''])[0]
+    print(f'error: config file {path} does not load: '
+          f'{type(cause).__name__}: {first_line}', file=sys.stderr)
+    sys.exit(2)
 
 
 def _with_default_config(argv: list[str]) -> list[str]:

@@ -69,19 +69,36 @@ def _tf():
   return tf
 
 
-def load_dataset(data_config) -> Dataset:
-  """Loads the dataset that the config's `data` section names."""
+def check_data_config(data_config) -> None:
+  """The `data` section's checks that need no data (one-line errors)."""
   channels = data_config.channels
   if channels not in _PIL_MODES:
-    raise UserError(f'config data.channels={channels} is not supported; use '
-                    '1 (grey), 3 (RGB) or 4 (RGBA)')
-  if data_config.image_size < 8:
-    raise UserError(f'config data.image_size={data_config.image_size} is too '
-                    'small; use at least 8')
+    raise UserError(f'config data.channels={channels!r} is not supported; '
+                    'use 1 (grey), 3 (RGB) or 4 (RGBA)')
+  size = data_config.image_size
+  if not isinstance(size, int) or isinstance(size, bool) or size < 8:
+    raise UserError(f'config data.image_size={size!r} must be an integer of '
+                    'at least 8')
   if data_config.path and data_config.tfds_name:
     raise UserError('config data.path and data.tfds_name are both set; set '
                     'one (an image folder or a tfds dataset), or neither for '
                     'the offline digits')
+  _check_split(data_config.split)
+
+
+def _check_split(fractions: Sequence[float]) -> None:
+  fractions = tuple(fractions)
+  if (len(fractions) != 3 or
+      not all(isinstance(f, (int, float)) and 0 <= f <= 1 for f in fractions)
+      or abs(sum(fractions) - 1) > 1e-6 or fractions[0] == 0):
+    raise UserError(f'config data.split={fractions} must be three fractions '
+                    'in [0, 1] (train, val, test) adding up to 1, train above '
+                    '0')
+
+
+def load_dataset(data_config) -> Dataset:
+  """Loads the dataset that the config's `data` section names."""
+  check_data_config(data_config)
   if data_config.path:
     return _load_folder(data_config)
   if data_config.tfds_name:
@@ -100,9 +117,7 @@ def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
 def _split_indices(n: int, fractions: Sequence[float], seed: int,
                    where: str) -> list[np.ndarray]:
   """A seeded shuffle of range(n) cut into train/val/test by `fractions`."""
-  if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-    raise UserError(f'config data.split={tuple(fractions)} must be three '
-                    'non-negative fractions (train, val, test) adding up to 1')
+  _check_split(fractions)
   n_val = int(round(fractions[1] * n))
   n_test = int(round(fractions[2] * n))
   n_train = n - n_val - n_test

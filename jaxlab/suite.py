@@ -20,6 +20,7 @@ from absl import logging
 from jaxlab import records
 from jaxlab import report
 from jaxlab import train
+from jaxlab import validation
 from jaxlab.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,8 +77,7 @@ def _runs(suite_config) -> list[tuple[dict, int]]:
   if duplicates:
     raise UserError(f'suite experiment names must be unique; repeated: '
                     f'{duplicates}')
-  if not suite_config.seeds:
-    raise UserError('config seeds is empty; give at least one seed')
+  validation.check_seeds(suite_config.seeds)
   return [(e, seed) for e in suite_config.experiments
           for seed in suite_config.seeds]
 
@@ -92,8 +92,14 @@ def run_suite(suite_config, workdir: str) -> list[dict]:
   Returns one record per run: experiment, seed, status and error.
   """
   runs = _runs(suite_config)
-  # Every run's config is built first, so a typo fails before any training.
+  # Every run's config is built and checked first, so a typo or a value
+  # that cannot be right fails before any training.
   configs = [run_config(suite_config, e, seed) for e, seed in runs]
+  for (entry, _), config in zip(runs, configs):
+    try:
+      validation.check_config(config)
+    except UserError as e:
+      raise UserError(f'suite experiment {entry["name"]!r}: {e}') from None
   os.makedirs(workdir, exist_ok=True)
   order = [{'experiment': e['name'], 'seed': seed,
             'dir': os.path.relpath(run_dir(workdir, e['name'], seed), workdir)}

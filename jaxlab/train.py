@@ -23,11 +23,11 @@ from tqdm import tqdm
 
 from jaxlab import input_pipeline
 from jaxlab import models
-from jaxlab import optimizers
 from jaxlab import pretrained
 from jaxlab import records
 from jaxlab import steps
 from jaxlab import summary as summary_lib
+from jaxlab import validation
 from jaxlab.checkpointing import Checkpoints
 from jaxlab.errors import UserError
 from jaxlab.preprocessing import Preprocess
@@ -63,20 +63,6 @@ def _check_same_run(workdir: str, config_dict: dict) -> None:
       raise UserError(
           f'workdir {workdir} holds a run with config {key}={old.get(key)!r}, '
           f'not {new.get(key)!r}; use another --workdir for a new run')
-
-
-def _check_config(config) -> None:
-  """Checks that need no data, so that mistakes fail before slow work."""
-  for key in ('num_epochs', 'checkpoint.every_epochs', 'checkpoint.keep'):
-    value = config
-    for part in key.split('.'):
-      value = value[part]
-    if value < 1:
-      raise UserError(f'config {key}={value} must be at least 1')
-  if config.model.name not in models.MODELS:
-    raise UserError(f'config model.name={config.model.name!r} is not a model; '
-                    f'choose one of {sorted(models.MODELS)}')
-  optimizers.check_name(config.optimizer.name)
 
 
 def evaluate(p_eval, state, split: input_pipeline.Split, batch_size: int,
@@ -153,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Returns the contents of `results.json`.
   """
-  _check_config(config)
+  validation.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   # Through JSON, so that it compares equal to the saved config.json.
   config_dict = json.loads(config.to_json())

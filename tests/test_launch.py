@@ -177,3 +177,27 @@ def test_unknown_model_is_one_line(tmp_path):
 def test_cluster_flags_without_distributed_are_one_line():
   line = _error_line('--summary', '--num_processes=2', '--process_id=0')
   assert line == 'error: --num_processes --process_id needs --distributed'
+
+
+def test_value_that_cannot_be_right_is_one_line_before_training(tmp_path):
+  line = _error_line('--workdir', str(tmp_path / 'run'),
+                     '--config.optimizer.learning_rate=-0.1')
+  assert line == ('error: config optimizer.learning_rate=-0.1 must be > 0')
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_missing_or_broken_config_file_is_one_line(tmp_path):
+  line = _error_line('--config', str(tmp_path / 'nope.py'))
+  assert line == (f'error: config file {tmp_path / "nope.py"} does not exist; '
+                  'give a file such as configs/default.py')
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config(:\n')
+  line = _error_line('--config', str(broken))
+  assert line.startswith(f'error: config file {broken} does not load: '
+                         'SyntaxError')
+
+
+def test_suite_with_a_bad_value_fails_before_training(tmp_path):
+  line = _error_line('--config', 'configs/suites/tiny.py', '--workdir',
+                     str(tmp_path / 'suite'), '--config.seeds=(0, 0)')
+  assert line == 'error: config seeds=(0, 0) repeats [0]; each seed once'
