@@ -334,6 +334,8 @@ def benchmark_model(name, args):
 
 def input_pipeline_rate(num_images: int = 1024) -> dict:
   """Images/s decoded and resized from a folder, and batched for training."""
+  from jaxlab import runtime  # pylint: disable=g-import-not-at-top
+  runtime.apply_defaults()  # malloc's, as launch.py's pipeline runs with.
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   from jaxlab import input_pipeline  # pylint: disable=g-import-not-at-top

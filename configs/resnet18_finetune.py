@@ -7,8 +7,8 @@ with ImageNet's mean and std (what the weights expect); add
 --config.data.path=DIR for an image folder. The weights are torchvision's
 `resnet18-f37072fd.pth` (ImageNet-1K V1), read from $JAXLAB_CACHE (default
 ~/.cache/jaxlab): add --config.model.download_pretrained=True to fetch it
-(SHA-256 checked), or point --config.model.pretrained at a copy (.pth,
-.safetensors or .msgpack). `fc` is replaced by a new head for the dataset's
+(SHA-256 checked), or point --config.model.pretrained at a copy (.pth or
+.safetensors). `fc` is replaced by a new head for the dataset's
 classes; every other layer, BatchNorm statistics included, starts from the
 file. SGD with momentum 0.9, learning rate 0.01, batch 64, 5 epochs (our
 choices; no report has these runs).

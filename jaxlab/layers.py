@@ -16,7 +16,10 @@ oneDNN's convolutions and BatchNorm, the pool index, the swapped dense
 gradient) where it covers the call - float32, 2-D convolutions of stride 1,
 square pools - and flax's everywhere else, never an error. BatchNorm in
 training followed by `relu` runs as one oneDNN operation: BatchNorm offers
-the fusion, `relu` takes it; the model asks for nothing.
+the fusion, `relu` takes it; the model asks for nothing. The CPU
+implementations define reverse-mode gradients (`jax.grad`, `jax.vjp`), as
+training needs; forward-mode (`jax.jvp`, `jax.jacfwd`) works in the plain
+program only.
 """
 
 import flax.linen as nn
@@ -185,7 +188,16 @@ def _square_pool(inputs, window_shape, strides, padding):
       strides[0] != strides[1] or
       not jnp.issubdtype(inputs.dtype, jnp.floating)):
     return None
-  pads = _explicit_padding(padding, inputs.shape[1:3], window, strides)
-  if pads is None or len({p for pair in pads for p in pair}) != 1:
+  if isinstance(padding, str):
+    if padding not in ('SAME', 'VALID'):
+      return None
+    pads = jax.lax.padtype_to_pads(inputs.shape[1:3], window, strides,
+                                   padding)
+  else:  # As flax's pooling reads it: a pair per spatial dimension.
+    try:
+      pads = tuple(tuple(int(p) for p in pair) for pair in padding)
+    except (TypeError, ValueError):
+      return None
+  if len(pads) != 2 or len({p for pair in pads for p in pair}) != 1:
     return None
   return window[0], strides[0], pads[0][0]

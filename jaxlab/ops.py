@@ -126,15 +126,18 @@ def _pool_grad(k, stride, padding, shape, first, g):
   ho, wo = first.shape[1:3]
   shifts = -(-k // stride)
   zero = jnp.zeros((), g.dtype)
+  # Offsets within a window reach shifts * stride - 1: past 127, int8
+  # (the index's type for small windows) would wrap.
+  offsets = first.dtype if shifts * stride <= 127 else jnp.int32
   dx = zero
   for dh in range(shifts):
     for dw in range(shifts):
       # Each (r, r') element's index in window (q - dh, q' - dw); k * k, which
       # no window has, where it falls outside the window.
       ih = dh * stride + jax.lax.broadcasted_iota(
-          first.dtype, (stride, 1, stride, 1), 0)
+          offsets, (stride, 1, stride, 1), 0)
       iw = dw * stride + jax.lax.broadcasted_iota(
-          first.dtype, (stride, 1, stride, 1), 2)
+          offsets, (stride, 1, stride, 1), 2)
       index = jnp.where((ih < k) & (iw < k), ih * k + iw, k * k).astype(
           first.dtype)
       shift = ((0, 0), (dh, shifts - 1 - dh), (dw, shifts - 1 - dw), (0, 0))

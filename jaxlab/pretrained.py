@@ -87,9 +87,8 @@ def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     raise UserError(
         f'reading {path} needs PyTorch (pip install torch==2.13.0); or, on a '
-        'machine with PyTorch, convert it once with `python -m '
-        f'jaxlab.pretrained convert {path} vgg16.msgpack` or save it as '
-        '.safetensors') from None
+        'machine with PyTorch, save it as .safetensors (VGG16 also converts '
+        f'with `python -m jaxlab.pretrained convert {path} vgg16.msgpack`)') from None
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except

@@ -40,11 +40,12 @@ def _run(module, variables, x, cpu: bool, train_kwargs=None):
 
 
 def _assert_same(module, x, *, fast: bool, tolerance=1e-5, train_kwargs=None,
-                 flax_module=None):
+                 flax_module=None, fast_dense=False):
   """`module` has `flax_module`'s variables at initialisation; with non-zero
   parameters, the CPU program's outputs and gradients equal the plain
-  program's (and flax's own); `fast`: whether the CPU program left XLA
-  (oneDNN) or not."""
+  program's (and flax's own). `fast`: whether the CPU program takes
+  jaxlab's implementation and leaves XLA (oneDNN); `fast_dense`: whether it
+  takes jaxlab's dense layer (which stays in XLA)."""
   variables = module.init(jax.random.PRNGKey(1), x)
   if flax_module is not None:
     jax.tree.map(np.testing.assert_array_equal, variables,
@@ -55,6 +56,14 @@ def _assert_same(module, x, *, fast: bool, tolerance=1e-5, train_kwargs=None,
   mine, cpu_hlo = _run(module, variables, x, True, train_kwargs)
   plain, plain_hlo = _run(module, variables, x, False, train_kwargs)
   assert _ONEDNN not in plain_hlo
+  # jaxlab's implementations define their gradients (custom VJPs); flax's
+  # layers do not.
+  apply = lambda cpu: lambda v, x: _traced(
+      cpu, lambda: module.apply(v, x, **(train_kwargs or {})))
+  jaxprs = [str(jax.make_jaxpr(apply(cpu))(variables, x))
+            for cpu in (True, False)]
+  assert ('custom_vjp' in jaxprs[0]) == (fast or fast_dense)
+  assert 'custom_vjp' not in jaxprs[1]
   if onednn.available():
     assert (_ONEDNN in cpu_hlo) == fast, cpu_hlo[:2000]
   if flax_module is not None:
@@ -102,9 +111,10 @@ def test_conv_of_a_single_example_or_1d_is_flax_conv():
                                     dict(features=5, use_bias=False),
                                     dict(features=5, dtype=jnp.bfloat16)])
 def test_dense_is_flax_dense(shape, kwargs):
-  tolerance = 2e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-5
+  bfloat16 = kwargs.get('dtype') == jnp.bfloat16
   _assert_same(layers.Dense(**kwargs), _x(shape), fast=False,
-               tolerance=tolerance, flax_module=nn.Dense(**kwargs))
+               tolerance=2e-2 if bfloat16 else 1e-5,
+               flax_module=nn.Dense(**kwargs), fast_dense=not bfloat16)
 
 
 class _NormRelu(nn.Module):
@@ -161,6 +171,7 @@ def test_fused_batch_norm_relu_runs_oneDNN_once_each_way():
     ((2, 2), (2, 2), 'VALID', True),
     ((3, 3), (2, 2), ((1, 1), (1, 1)), True),
     ((3, 3), None, 'SAME', True),  # flax's default stride is 1.
+    ((3, 3), (2, 2), [[1, 1], [1, 1]], True),  # Lists, as flax reads them.
     ((3, 3), (2, 2), 'SAME', False),  # Uneven padding: flax's.
     ((2, 3), (2, 2), 'VALID', False),
 ])

@@ -161,3 +161,13 @@ def test_batch_statistics_trace_no_tangents():
   assert primal.count('optimization_barrier') > 0
   assert jvp.count('optimization_barrier') == primal.count(
       'optimization_barrier')
+
+
+def test_max_pool_gradient_with_a_stride_past_int8():
+  # Window offsets reach stride - 1 = 129, past the int8 window index.
+  x = np.random.default_rng(5).normal(size=(1, 260, 3, 1)).astype(np.float32)
+  ours = lambda v: ops.max_pool(v, 2, 130, 0)
+  plain = lambda v: nn.max_pool(v, (2, 2), strides=(130, 130))
+  cotangent = np.ones(plain(x).shape, np.float32)
+  np.testing.assert_array_equal(jax.vjp(ours, x)[1](cotangent)[0],
+                                jax.vjp(plain, x)[1](cotangent)[0])
