@@ -28,6 +28,7 @@ from jaxlab import records
 from jaxlab import steps
 from jaxlab import summary as summary_lib
 from jaxlab import validation
+from jaxlab import workdir_lock
 from jaxlab.checkpointing import Checkpoints
 from jaxlab.errors import UserError
 from jaxlab.preprocessing import Preprocess
@@ -141,6 +142,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validation.check_config(config)
   os.makedirs(workdir, exist_ok=True)
+  # One run per workdir; in a multi-host run, process 0 holds the lock.
+  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate_holding_lock(config, workdir)
+
+
+def _train_and_evaluate_holding_lock(config, workdir: str) -> dict:
+  """`train_and_evaluate` once the workdir is this run's."""
   # Through JSON, so that it compares equal to the saved config.json.
   config_dict = json.loads(config.to_json())
   _check_same_run(workdir, config_dict)

@@ -133,6 +133,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   assert records.read_results(broken) is None, 'run ended before the kill'
 
   resumed = run_launch(*_small_args(data, broken, epochs=4, batch=4))
+  # The killed run's workdir lock is taken over, with a warning.
+  assert 'Taking over the lock of pid' in resumed.stderr
   assert 'Resumed from the checkpoint of epoch' in resumed.stderr
   expected, got = records.read_results(whole), records.read_results(broken)
   assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
@@ -144,6 +146,32 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   again = run_launch(*_small_args(data, broken, epochs=4, batch=4))
   assert 'already finished 4 epochs' in again.stderr
   assert records.read_results(broken) == got
+
+
+def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(
+    tmp_path):
+  data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
+                           per_class=24, mode='RGBA')
+  workdir = str(tmp_path / 'run')
+  # Long enough to still run when the second has started.
+  first = _start(_small_args(data, workdir, epochs=40, batch=4))
+  lock = os.path.join(workdir, 'lock.json')
+  deadline = time.time() + 240
+  while not os.path.exists(lock) and first.poll() is None:
+    assert time.time() < deadline, 'no lock after 240 s'
+    time.sleep(0.02)
+  second = run_launch(*_small_args(data, workdir, epochs=40, batch=4),
+                      check=False)
+  assert second.returncode != 0 and 'Traceback' not in second.stderr
+  line = second.stderr.strip().splitlines()[-1]
+  assert line.startswith(f'error: workdir {workdir} is in use by pid '
+                         f'{first.pid} on host '), line
+  first.communicate(timeout=300)
+  assert first.returncode == 0
+  assert [e['epoch'] for e in records.read_history(workdir)] == list(
+      range(1, 41))
+  assert records.read_results(workdir)['epochs'] == 40
+  assert not os.path.exists(lock)
 
 
 def _tiny_config(data_path, **overrides):
