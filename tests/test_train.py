@@ -254,8 +254,8 @@ def test_torn_last_history_line_is_dropped(tmp_path):
 def test_bad_checkpoint_settings_fail_before_any_work(tmp_path):
   config = _tiny_config(str(tmp_path / 'no_data_needed'))
   config.checkpoint.keep = 0
-  with pytest.raises(UserError, match=r'config checkpoint.keep=0 must be at '
-                     'least 1'):
+  with pytest.raises(UserError, match=r'config checkpoint.keep=0 must be an '
+                     'integer >= 1'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
