@@ -7,11 +7,13 @@ leaves the previous checkpoint intact.
 
 import os
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlab.errors import UserError
 from jaxlab.steps import TrainState
 
 _SAVED_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
@@ -31,6 +33,17 @@ def _first_devices_sharding() -> jax.sharding.NamedSharding:
 def _to_global(x: jax.Array, sharding) -> jax.Array:
   return jax.make_array_from_single_device_arrays(
       x.shape, sharding, [jax.device_put(x, jax.local_devices()[0])])
+
+
+def _move_aside(path: str, folder: str) -> None:
+  """Moves `path` into `folder`, under a name not taken there yet."""
+  os.makedirs(folder, exist_ok=True)
+  name, n = os.path.basename(path), 1
+  target = os.path.join(folder, name)
+  while os.path.exists(target):
+    target = os.path.join(folder, f'{name}.{n}')
+    n += 1
+  os.replace(path, target)
 
 
 class Checkpoints:
@@ -66,6 +79,34 @@ class Checkpoints:
                                    args=ocp.args.StandardRestore(target))
     return like.replace(**jax.tree.map(lambda x: x.addressable_data(0),
                                        fields))
+
+  def restore_newest(self, like: TrainState) -> tuple[int, TrainState]:
+    """(epoch, state) of the newest checkpoint that restores.
+
+    A checkpoint that does not (missing or truncated files, another
+    structure) is skipped with a warning naming it and why, and moved aside
+    to `<checkpoints>_unreadable/<epoch>`, kept for inspection, so that the
+    run saves that epoch again. If none restores, a UserError says so.
+    """
+    directory = str(self._manager.directory)
+    failures = []
+    for epoch in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return epoch, self.restore(epoch, like)
+      except Exception as e:  # pylint: disable=broad-except
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        failures.append(f'epoch {epoch}: {reason[:200]}')
+        logging.warning('Checkpoint %s does not restore (%s); trying the one '
+                        'before it.', os.path.join(directory, str(epoch)),
+                        reason[:200])
+        if jax.process_index() == 0:
+          _move_aside(os.path.join(directory, str(epoch)),
+                      f'{directory}_unreadable')
+        self._manager.reload()
+    raise UserError(
+        f'no checkpoint in {directory} restores ({"; ".join(failures)}); they '
+        f'are moved to {directory}_unreadable; run again to start from '
+        'scratch, or use another --workdir')
 
   def wait(self) -> None:
     """Returns once every save in flight is complete on disk."""

@@ -206,7 +206,7 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
                                    jax.random.PRNGKey(config.seed), image_shape,
                                    load_variables)
   if done_epochs:
-    state = checkpoints.restore(done_epochs, state)
+    done_epochs, state = checkpoints.restore_newest(state)
     logging.info('Resumed from the checkpoint of epoch %d.', done_epochs)
   if jax.process_index() == 0:
     records.write_config(workdir, config_dict)

@@ -148,6 +148,48 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   assert records.read_results(broken) == got
 
 
+def _truncate_checkpoint(workdir: str, epoch: int) -> None:
+  """Every file of the checkpoint cut to half, as a crashed filesystem or a
+  copy cut short leaves them."""
+  for root, _, files in os.walk(os.path.join(workdir, 'checkpoints',
+                                             str(epoch))):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
+    tmp_path):
+  data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
+                           per_class=24, mode='RGBA')
+  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+  run_launch(*_small_args(data, whole, epochs=3, batch=4))
+  run_launch(*_small_args(data, broken, epochs=2, batch=4))
+  _truncate_checkpoint(broken, 2)
+  resumed = run_launch(*_small_args(data, broken, epochs=3, batch=4))
+  assert f'{os.path.join(broken, "checkpoints", "2")} does not restore' in (
+      resumed.stderr)
+  assert 'Resumed from the checkpoint of epoch 1' in resumed.stderr
+  expected, got = records.read_results(whole), records.read_results(broken)
+  assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
+                                             for k in RESULT_KEYS}
+  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
+  assert strip(records.read_history(broken)) == strip(
+      records.read_history(whole))
+  assert os.path.isdir(os.path.join(broken, 'checkpoints_unreadable', '2'))
+  # With every checkpoint unreadable: one line, and what to do.
+  for epoch in (1, 2, 3):
+    _truncate_checkpoint(broken, epoch)
+  os.remove(os.path.join(broken, records.RESULTS))
+  proc = run_launch(*_small_args(data, broken, epochs=3, batch=4),
+                    check=False)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  line = proc.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: no checkpoint in ') and (
+      'run again to start from scratch' in line), line
+
+
 def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(
     tmp_path):
   data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
