@@ -116,6 +116,16 @@ def _start(args) -> subprocess.Popen:
                           stderr=subprocess.PIPE, start_new_session=True)
 
 
+def _assert_same_numbers(workdir: str, reference: str) -> None:
+  """The run in `workdir` ended with `reference`'s results and history."""
+  got, expected = (records.read_results(d) for d in (workdir, reference))
+  assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
+                                             for k in RESULT_KEYS}
+  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
+  assert strip(records.read_history(workdir)) == strip(
+      records.read_history(reference))
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
                            per_class=24, mode='RGBA')
@@ -136,13 +146,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
   # The killed run's workdir lock is taken over, with a warning.
   assert 'Taking over the lock of pid' in resumed.stderr
   assert 'Resumed from the checkpoint of epoch' in resumed.stderr
-  expected, got = records.read_results(whole), records.read_results(broken)
-  assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
-                                             for k in RESULT_KEYS}
-  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
-  assert strip(records.read_history(broken)) == strip(
-      records.read_history(whole))
+  _assert_same_numbers(broken, whole)
 
+  got = records.read_results(broken)
   again = run_launch(*_small_args(data, broken, epochs=4, batch=4))
   assert 'already finished 4 epochs' in again.stderr
   assert records.read_results(broken) == got
@@ -171,12 +177,7 @@ def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
   assert f'{os.path.join(broken, "checkpoints", "2")} does not restore' in (
       resumed.stderr)
   assert 'Resumed from the checkpoint of epoch 1' in resumed.stderr
-  expected, got = records.read_results(whole), records.read_results(broken)
-  assert {k: got[k] for k in RESULT_KEYS} == {k: expected[k]
-                                             for k in RESULT_KEYS}
-  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
-  assert strip(records.read_history(broken)) == strip(
-      records.read_history(whole))
+  _assert_same_numbers(broken, whole)
   assert os.path.isdir(os.path.join(broken, 'checkpoints_unreadable', '2'))
   # With every checkpoint unreadable: one line, and what to do.
   for epoch in (1, 2, 3):
