@@ -94,11 +94,11 @@ class Checkpoints:
       try:
         return epoch, self.restore(epoch, like)
       except Exception as e:  # pylint: disable=broad-except
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        failures.append(f'epoch {epoch}: {reason[:200]}')
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        failures.append(f'epoch {epoch}: {reason}')
         logging.warning('Checkpoint %s does not restore (%s); trying the one '
                         'before it.', os.path.join(directory, str(epoch)),
-                        reason[:200])
+                        reason)
         if jax.process_index() == 0:
           _move_aside(os.path.join(directory, str(epoch)),
                       f'{directory}_unreadable')

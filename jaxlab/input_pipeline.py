@@ -116,8 +116,8 @@ def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
 
 def _split_indices(n: int, fractions: Sequence[float], seed: int,
                    where: str) -> list[np.ndarray]:
-  """A seeded shuffle of range(n) cut into train/val/test by `fractions`."""
-  _check_split(fractions)
+  """A seeded shuffle of range(n) cut into train/val/test by `fractions`
+  (checked by `check_data_config`)."""
   n_val = int(round(fractions[1] * n))
   n_test = int(round(fractions[2] * n))
   n_train = n - n_val - n_test

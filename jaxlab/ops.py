@@ -341,9 +341,8 @@ def _conv_kernel_grad(x, g, padding):
   As in XLA's own gradient, x goes to [C, H, W, N] and g to [H, W, N, O].
   XLA fuses x's producer (bias and ReLU, BatchNorm) into x's transpose; such
   a fused transpose reads x with a stride and runs several times slower
-  than the pure one. For large x, the
-  transpose here runs through `_stored`, so it reads the stored activation
-  instead of recomputing it.
+  than the pure one. For large x, the transpose here runs through
+  `_stored`, so it reads the stored activation instead of recomputing it.
   """
   if x.size >= _STORED_TRANSPOSE_MIN_SIZE:
     xt = _stored(g, _channels_first, _channels_first_4d, x)
@@ -463,9 +462,8 @@ def _uses_onednn_batch_norm(x, axis_name) -> bool:
   oneDNN normalises and ReLUs in one pass, and computes the gradient in two
   (x's, through the statistics, with scale's and bias's), where XLA's
   fusions make five. Its gradient sums over this device's batch only, so
-  with the
-  statistics averaged over several devices the gradient stays XLA's
-  (`_batch_normalized`).
+  with the statistics averaged over several devices the gradient stays
+  XLA's (`_batch_normalized`).
   """
   return (x.ndim == 4 and x.dtype == jnp.float32 and onednn.enabled() and
           (axis_name is None or jax.lax.axis_size(axis_name) == 1))

@@ -16,7 +16,8 @@ gives torchvision's VGG16 logits for the same images in NCHW;
                  below; the fastest to load.
 
 In a config, `model.pretrained` names a file, or `torchvision` for the
-model's official file (ImageNet-1K V1 weights) in the cache folder ($JAXLAB_CACHE, default ~/.cache/jaxlab),
+model's official file (ImageNet-1K V1 weights) in the cache folder
+($JAXLAB_CACHE, default ~/.cache/jaxlab),
 downloaded there with its SHA-256 checked only if
 `model.download_pretrained` is true.
 
@@ -88,7 +89,8 @@ def _read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     raise UserError(
         f'reading {path} needs PyTorch (pip install torch==2.13.0); or, on a '
         'machine with PyTorch, save it as .safetensors (VGG16 also converts '
-        f'with `python -m jaxlab.pretrained convert {path} vgg16.msgpack`)') from None
+        f'with `python -m jaxlab.pretrained convert {path} vgg16.msgpack`)'
+    ) from None
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except

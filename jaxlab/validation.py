@@ -14,6 +14,7 @@ from jaxlab import input_pipeline
 from jaxlab import models
 from jaxlab import optimizers
 from jaxlab.errors import UserError
+from jaxlab.preprocessing import Preprocess
 
 
 def _number(value) -> bool:
@@ -67,6 +68,7 @@ def check_config(config) -> None:
                     f'choose one of {sorted(models.MODELS)}')
   optimizers.check_name(config.optimizer.name)
   input_pipeline.check_data_config(config.data)
+  Preprocess.from_config(config.data)  # Normalisation and augmentation.
 
 
 def check_seeds(seeds) -> None:

@@ -39,6 +39,8 @@ from jaxlab.errors import UserError
      r'must be three fractions'),
     (default, 'data.split', (0.0, 0.5, 0.5), r'train above 0'),
     (default, 'data.split', (1.2, -0.1, -0.1), r'in \[0, 1\]'),
+    (default, 'data.random_rotation', -1.0,
+     r'data.random_rotation=-1.0 must be >= 0'),
 ])
 def test_values_out_of_range_are_named(config_module, key, value, message):
   config = config_module.get_config()
