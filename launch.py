@@ -49,19 +49,42 @@ def _default_workdir() -> str:
   return os.path.join('runs', name)
 
 
+_PROJECT = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and other libraries; keeps warnings."""
+  """Drops the INFO chatter of orbax and other libraries; keeps their
+  warnings and errors, as one line each."""
 
   def filter(self, record):
-    return (record.levelno >= std_logging.WARNING or
-            '/site-packages/' not in record.pathname or
-            '/clu/' in record.pathname)
+    if ((record.pathname.startswith(_PROJECT) and
+         '/site-packages/' not in record.pathname) or
+        '/clu/' in record.pathname):
+      return True
+    # A library's failure that matters reaches jaxlab as an exception, and
+    # ends the run with its own message (a traceback where it is a bug).
+    record.exc_info = record.exc_text = None
+    return record.levelno >= std_logging.WARNING
+
+
+def _log_unraisable_once(unraisable) -> None:
+  """Exceptions nothing can catch (a library's callback after its event
+  loop closed, as when a checkpoint write fails) as one warning line per
+  message, not a traceback each."""
+  message = f'{unraisable.exc_type.__name__}: {unraisable.exc_value}'
+  if message not in _UNRAISABLE_SEEN:
+    _UNRAISABLE_SEEN.add(message)
+    logging.warning('Ignored in a background callback: %s', message)
+
+
+_UNRAISABLE_SEEN = set()
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _log_unraisable_once
   # Imported here, after flag parsing; --summary needs no TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top

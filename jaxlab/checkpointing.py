@@ -2,10 +2,16 @@
 
 Checkpoints live in `WORKDIR/checkpoints/<epoch>`; orbax writes each one to
 a temporary folder and renames it when complete, so a run killed mid-save
-leaves the previous checkpoint intact.
+leaves the previous checkpoint intact. Saves run in the background; a save
+that fails (a full disk, a refused write) is reported as `WriteFailed` by
+the next `save` or `wait`, its half-written folder is removed, and every
+earlier checkpoint stays as it was.
 """
 
+import gc
+import glob
 import os
+import shutil
 
 from absl import logging
 import jax
@@ -13,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxlab import storage
 from jaxlab.errors import UserError
 from jaxlab.steps import TrainState
 
@@ -50,23 +57,66 @@ class Checkpoints:
   """Saves and restores a `TrainState` once per epoch (or every N epochs)."""
 
   def __init__(self, directory: str, every_epochs: int = 1, keep: int = 3):
-    self._manager = ocp.CheckpointManager(
-        # orbax writes arrays only under an absolute path.
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every_epochs, max_to_keep=keep, create=True))
+    # orbax writes arrays only under an absolute path.
+    directory = os.path.abspath(directory)
+    try:
+      self._manager = ocp.CheckpointManager(
+          directory,
+          options=ocp.CheckpointManagerOptions(
+              save_interval_steps=every_epochs, max_to_keep=keep,
+              create=True))
+    except Exception as e:  # pylint: disable=broad-except
+      if storage.is_write_error(e):
+        raise storage.failure(directory, e, None) from None
+      raise
+    self._in_flight = None  # (epoch, bytes) of the save in the background.
+    self._failures = 0
 
   def latest_epoch(self) -> int | None:
     """The epoch of the newest complete checkpoint, or None."""
     return self._manager.latest_step()
 
+  def _path(self, epoch: int) -> str:
+    return os.path.join(str(self._manager.directory), str(epoch))
+
+  def _failed(self, epoch: int, needed: int, error: Exception
+              ) -> storage.WriteFailed:
+    """Cleans up after the save of `epoch` failed; the error to raise."""
+    if jax.process_index() == 0:
+      # The half-written folder holds space the next run needs; orbax
+      # never counts it as a checkpoint.
+      for partial in glob.glob(f'{self._path(epoch)}.orbax-checkpoint-tmp*'):
+        shutil.rmtree(partial, ignore_errors=True)
+    self._failures += 1
+    return storage.failure(self._path(epoch), error, needed)
+
+  def _finish_in_flight(self) -> None:
+    """Waits for the background save; a failure of it as WriteFailed."""
+    in_flight, self._in_flight = self._in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if in_flight is None or not storage.is_write_error(e):
+        raise
+      raise self._failed(*in_flight, e) from None
+
   def save(self, epoch: int, state: TrainState, force: bool = False) -> None:
     """Saves `state` (not replicated) as of the end of `epoch`, in the
     background; `force` saves even off the `every_epochs` interval."""
+    self._finish_in_flight()
     sharding = _first_devices_sharding()
     fields = {k: jax.tree.map(lambda x: _to_global(x, sharding),
                               getattr(state, k)) for k in _SAVED_FIELDS}
-    self._manager.save(epoch, args=ocp.args.StandardSave(fields), force=force)
+    needed = sum(x.nbytes for x in jax.tree.leaves(fields))
+    try:
+      saving = self._manager.save(epoch, args=ocp.args.StandardSave(fields),
+                                  force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      if not storage.is_write_error(e):
+        raise
+      raise self._failed(epoch, needed, e) from None
+    if saving:
+      self._in_flight = (epoch, needed)
 
   def restore(self, epoch: int, like: TrainState) -> TrainState:
     """The state saved at `epoch`, with the structure and statics of `like`."""
@@ -100,8 +150,9 @@ class Checkpoints:
                         'before it.', os.path.join(directory, str(epoch)),
                         reason)
         if jax.process_index() == 0:
-          _move_aside(os.path.join(directory, str(epoch)),
-                      f'{directory}_unreadable')
+          with storage.writing(f'{directory}_unreadable', None):
+            _move_aside(os.path.join(directory, str(epoch)),
+                        f'{directory}_unreadable')
         self._manager.reload()
     raise UserError(
         f'no checkpoint in {directory} restores ({"; ".join(failures)}); they '
@@ -109,10 +160,18 @@ class Checkpoints:
         'scratch, or use another --workdir')
 
   def wait(self) -> None:
-    """Returns once every save in flight is complete on disk."""
-    self._manager.wait_until_finished()
+    """Returns once every save in flight is complete on disk; raises
+    WriteFailed if one could not be written."""
+    self._finish_in_flight()
 
   def close(self) -> None:
-    """Waits for saves in flight, then releases the manager's threads."""
-    self.wait()
-    self._manager.close()
+    """Waits for saves in flight, then releases the manager's threads (also
+    after a failed save, whose error `save` or `wait` has raised)."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+      if self._failures:
+        # The failed save's coroutines and futures end now, while logging
+        # still works, not as tracebacks when Python exits.
+        gc.collect()

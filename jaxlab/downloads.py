@@ -6,6 +6,7 @@ import socket
 import urllib.parse
 import urllib.request
 
+from jaxlab import storage
 from jaxlab.errors import UserError
 
 
@@ -39,21 +40,30 @@ def download(url: str, destination: str, sha256: str,
   if not network_reachable(url):
     raise UserError(f'cannot reach {url} (no network?); download it on '
                     f'another machine and put it at {destination}')
-  os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
+  folder = os.path.dirname(os.path.abspath(destination))
+  with storage.writing(folder, None):
+    os.makedirs(folder, exist_ok=True)
   partial = destination + '.partial'
   digest = hashlib.sha256()
+  with storage.writing(destination, None):
+    out = open(partial, 'wb', buffering=0)  # pylint: disable=consider-using-with
+  complete = False
   try:
-    with urllib.request.urlopen(url, timeout=timeout) as response, \
-        open(partial, 'wb') as out:
+    with out, urllib.request.urlopen(url, timeout=timeout) as response:
+      size = response.headers.get('Content-Length')
       for chunk in iter(lambda: response.read(1 << 20), b''):
         digest.update(chunk)
-        out.write(chunk)
-  except OSError as e:
-    if os.path.exists(partial):
-      os.remove(partial)
+        with storage.writing(destination, size and int(size)):
+          view = memoryview(chunk)
+          while view:
+            view = view[out.write(view):]
+    complete = digest.hexdigest() == sha256
+  except OSError as e:  # The network's: a failed write is WriteFailed.
     raise UserError(f'downloading {url} failed: {e}') from None
-  if digest.hexdigest() != sha256:
-    os.remove(partial)
+  finally:
+    if not complete:
+      os.remove(partial)  # Cut short, failed or corrupt.
+  if not complete:
     raise UserError(f'{url} has SHA-256 {digest.hexdigest()}, expected '
                     f'{sha256}; the download was discarded')
   os.replace(partial, destination)

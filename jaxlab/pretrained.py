@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxlab import downloads
+from jaxlab import storage
 from jaxlab import models
 from jaxlab.errors import UserError
 
@@ -426,9 +427,8 @@ def convert(source: str, destination: str) -> None:
   """Writes `source`'s VGG16 params in this project's fast `.msgpack` format."""
   variables = load_vgg16_file(source)
   params = jax.tree.map(np.asarray, variables)
-  with open(destination + '.tmp', 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(params))
-  os.replace(destination + '.tmp', destination)
+  storage.write_atomic(destination,
+                       flax.serialization.msgpack_serialize(params))
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   print(f'wrote {destination}: VGG16, {n:,} parameters')
 

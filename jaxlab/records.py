@@ -3,11 +3,17 @@
   config.json     the resolved config
   history.jsonl   one JSON object per finished epoch
   results.json    final numbers, written when the run ends
+  events.out.tfevents.*  TensorBoard's scalars, through `metric_writer`
 """
 
 import json
 import os
+import re
 from typing import Any
+
+from clu import metric_writers
+
+from jaxlab import storage
 
 CONFIG, HISTORY, RESULTS = 'config.json', 'history.jsonl', 'results.json'
 FAILED = 'failed.json'  # A suite run that raised: {"error": message}.
@@ -17,11 +23,7 @@ HISTORY_KEYS = ('epoch', 'train_loss', 'train_accuracy', 'val_loss',
 
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as JSON to `path` through a temporary file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
+  storage.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
 
 
 def read_json(path: str) -> Any | None:
@@ -68,13 +70,49 @@ def read_history(workdir: str) -> list[dict]:
 def truncate_history(workdir: str, last_epoch: int) -> None:
   """Keeps only epochs <= `last_epoch` (those a resumed run will not redo)."""
   kept = [h for h in read_history(workdir) if h['epoch'] <= last_epoch]
+  text = ''.join(json.dumps(h, sort_keys=True) + '\n' for h in kept)
   path = os.path.join(workdir, HISTORY)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(json.dumps(h, sort_keys=True) + '\n' for h in kept)
-  os.replace(tmp, path)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return  # Unchanged: nothing to write on a disk that may be full.
+  storage.write_atomic(path, text)
 
 
 def append_history(workdir: str, entry: dict) -> None:
-  with open(os.path.join(workdir, HISTORY), 'a') as f:
-    f.write(json.dumps(entry, sort_keys=True) + '\n')
+  storage.append_text(os.path.join(workdir, HISTORY),
+                      json.dumps(entry, sort_keys=True) + '\n')
+
+
+def _events_call(workdir: str, function, *args, **kwargs):
+  """`function(*args, **kwargs)`, with a refused write of TensorBoard's
+  events file as `storage.WriteFailed`."""
+  try:
+    return function(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    if not storage.is_write_error(e):
+      raise
+    path = re.search(r'(\S*events\.out\.tfevents\S*?);', str(e))
+    raise storage.failure(path.group(1) if path else workdir, e,
+                          None) from None
+
+
+class _StorageCheckedWriter:
+  """A clu metric writer whose failed writes (a full disk, a read-only
+  folder) raise `storage.WriteFailed` naming the events file."""
+
+  def __init__(self, writer: metric_writers.MetricWriter, workdir: str):
+    self._writer, self._workdir = writer, workdir
+
+  def __getattr__(self, name: str):
+    method = getattr(self._writer, name)
+    return lambda *args, **kwargs: _events_call(self._workdir, method, *args,
+                                                **kwargs)
+
+
+def metric_writer(workdir: str, just_logging: bool = False):
+  """clu's default metric writer (the console, and TensorBoard events in
+  `workdir`), with failed writes as `storage.WriteFailed`."""
+  writer = _events_call(workdir, metric_writers.create_default_writer,
+                        workdir, just_logging=just_logging)
+  return _StorageCheckedWriter(writer, workdir)

@@ -21,6 +21,7 @@ shown as '-'.
 
 import csv
 import dataclasses
+import io
 import os
 import re
 import sys
@@ -32,6 +33,8 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from jaxlab import records
+from jaxlab import storage
+from jaxlab.errors import UserError
 
 _SEED_DIR = re.compile(r'^seed_(\d+)$')
 
@@ -138,6 +141,14 @@ def _plot_band(ax, curves: np.ndarray, label: str, color=None) -> None:
                     color=line.get_color())
 
 
+def _save_figure(fig, path: str, **savefig_args) -> None:
+  """Writes `fig` as a PNG file, and closes it."""
+  png = io.BytesIO()  # Rendered first: the write's size is then known.
+  fig.savefig(png, format='png', dpi=100, **savefig_args)
+  plt.close(fig)
+  storage.write_atomic(path, png.getvalue())
+
+
 def _style(ax) -> None:
   ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
@@ -154,8 +165,7 @@ def _loss_figure(name: str, runs: list[Run], path: str) -> bool:
   ax.set(xlabel='epoch', ylabel='cross-entropy loss', title=name)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save_figure(fig, path)
   return True
 
 
@@ -182,8 +192,7 @@ def _overlay_figure(key: str, groups: dict[str, list[Run]], path: str) -> bool:
          title=f'{_OVERLAYS[key]} per epoch, mean ± 1 s.d. over seeds')
   ax.legend(fontsize='small', loc='center left', bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(fig)
+  _save_figure(fig, path, bbox_inches='tight')
   return True
 
 
@@ -194,16 +203,17 @@ _CSV_FIELDS = ('experiment', 'seed', 'status', 'model', 'epochs', 'train_loss',
 
 
 def _write_csv(runs: list[Run], path: str, root: str) -> None:
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, _CSV_FIELDS)
-    writer.writeheader()
-    for run in runs:
-      row = {k: (run.results or {}).get(k, '') for k in _CSV_FIELDS}
-      row.update(experiment=run.experiment, seed=run.seed, status=run.status,
-                 directory=os.path.relpath(run.directory, root),
-                 error=run.error)
-      row['model'] = row['model'] or run.config.get('model', {}).get('name', '')
-      writer.writerow(row)
+  text = io.StringIO()
+  writer = csv.DictWriter(text, _CSV_FIELDS)
+  writer.writeheader()
+  for run in runs:
+    row = {k: (run.results or {}).get(k, '') for k in _CSV_FIELDS}
+    row.update(experiment=run.experiment, seed=run.seed, status=run.status,
+               directory=os.path.relpath(run.directory, root),
+               error=run.error)
+    row['model'] = row['model'] or run.config.get('model', {}).get('name', '')
+    writer.writerow(row)
+  storage.write_atomic(path, text.getvalue())
 
 
 def write_report(root: str) -> str:
@@ -215,7 +225,8 @@ def write_report(root: str) -> str:
               for name, rs in groups.items()}
   finished = {k: v for k, v in finished.items() if v}
   figures = os.path.join(root, 'figures')
-  os.makedirs(figures, exist_ok=True)
+  with storage.writing(figures, None):
+    os.makedirs(figures, exist_ok=True)
 
   lines = [f'# Report: {os.path.basename(os.path.abspath(root))}', '',
            f'{len(runs)} runs of {len(groups)} experiments: '
@@ -261,8 +272,7 @@ def write_report(root: str) -> str:
     if _loss_figure(name, rs, os.path.join(figures, file)):
       lines.append(f'![{name}: loss](figures/{file})')
   text = '\n'.join(lines) + '\n'
-  with open(os.path.join(root, 'report.md'), 'w') as f:
-    f.write(text)
+  storage.write_atomic(os.path.join(root, 'report.md'), text)
   _write_csv(runs, os.path.join(root, 'report.csv'), root)
   return text
 
@@ -270,7 +280,10 @@ def write_report(root: str) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or not os.path.isdir(argv[1]):
     sys.exit('usage: python -m jaxlab.report DIR  (a folder of finished runs)')
-  write_report(argv[1])
+  try:
+    write_report(argv[1])
+  except UserError as e:
+    sys.exit(f'error: {e}')
   print(f'wrote {os.path.join(argv[1], "report.md")}, report.csv and figures/')
 
 

@@ -10,7 +10,6 @@ the tables and figures into WORKDIR.
 """
 
 import importlib.util
-import json
 import os
 import sys
 
@@ -19,6 +18,7 @@ from absl import logging
 
 from jaxlab import records
 from jaxlab import report
+from jaxlab import storage
 from jaxlab import train
 from jaxlab import validation
 from jaxlab.errors import UserError
@@ -100,12 +100,12 @@ def run_suite(suite_config, workdir: str) -> list[dict]:
       validation.check_config(config)
     except UserError as e:
       raise UserError(f'suite experiment {entry["name"]!r}: {e}') from None
-  os.makedirs(workdir, exist_ok=True)
+  with storage.writing(workdir, None):
+    os.makedirs(workdir, exist_ok=True)
   order = [{'experiment': e['name'], 'seed': seed,
             'dir': os.path.relpath(run_dir(workdir, e['name'], seed), workdir)}
            for e, seed in runs]
-  with open(os.path.join(workdir, 'suite.json'), 'w') as f:
-    json.dump(order, f, indent=2)
+  records.write_json(os.path.join(workdir, 'suite.json'), order)
   outcomes = []
   for i, ((entry, seed), config) in enumerate(zip(runs, configs)):
     directory = run_dir(workdir, entry['name'], seed)
@@ -114,6 +114,8 @@ def run_suite(suite_config, workdir: str) -> list[dict]:
     failed = os.path.join(directory, records.FAILED)
     try:
       train.train_and_evaluate(config, directory)
+    except storage.WriteFailed:
+      raise  # A full disk fails every run after it too: stop here.
     except Exception as e:  # pylint: disable=broad-except
       # A broken run must not stop the others; its error is kept.
       message = str(e) if isinstance(e, UserError) else (

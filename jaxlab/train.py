@@ -17,7 +17,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers
 from flax import jax_utils
 from tqdm import tqdm
 
@@ -26,6 +25,7 @@ from jaxlab import models
 from jaxlab import pretrained
 from jaxlab import records
 from jaxlab import steps
+from jaxlab import storage
 from jaxlab import summary as summary_lib
 from jaxlab import validation
 from jaxlab import workdir_lock
@@ -141,7 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the contents of `results.json`.
   """
   validation.check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  with storage.writing(workdir, None):
+    os.makedirs(workdir, exist_ok=True)
   # One run per workdir; in a multi-host run, process 0 holds the lock.
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate_holding_lock(config, workdir)
@@ -175,7 +176,8 @@ def _train_and_evaluate_holding_lock(config, workdir: str) -> dict:
       return finished
     if finished and jax.process_index() == 0:
       # Continued for more epochs: the old results no longer describe it.
-      os.remove(os.path.join(workdir, records.RESULTS))
+      with storage.writing(workdir, None):
+        os.remove(os.path.join(workdir, records.RESULTS))
     return _train(config, workdir, config_dict, checkpoints, done_epochs,
                   preprocess, sharding)
   finally:
@@ -212,8 +214,8 @@ def _train(config, workdir, config_dict, checkpoints, done_epochs, preprocess,
     records.write_config(workdir, config_dict)
     records.truncate_history(workdir, done_epochs)
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
+  writer = records.metric_writer(workdir,
+                                 just_logging=jax.process_index() > 0)
   try:
     if not done_epochs:
       writer.write_hparams(_flat(config_dict))

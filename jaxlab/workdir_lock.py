@@ -20,6 +20,7 @@ import uuid
 
 from absl import logging
 
+from jaxlab import storage
 from jaxlab.errors import UserError
 
 LOCK = 'lock.json'
@@ -87,12 +88,19 @@ class WorkdirLock:
     return age > STALE_SECONDS
 
   def _write_new(self) -> bool:
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, 'w') as f:
-      json.dump(self.mine, f)
+    with storage.writing(self.path, len(json.dumps(self.mine))):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      try:
+        with os.fdopen(fd, 'w') as f:
+          json.dump(self.mine, f)
+      except OSError:
+        # An empty lock would stop the next run for minutes.
+        with contextlib.suppress(OSError):
+          os.remove(self.path)
+        raise
     return True
 
   def acquire(self) -> None:
@@ -110,9 +118,15 @@ class WorkdirLock:
       # taking it over at once, the last rename wins, and the others see
       # someone else's token.
       temporary = f'{self.path}.{self.mine["token"]}'
-      with open(temporary, 'w') as f:
-        json.dump(self.mine, f)
-      os.replace(temporary, self.path)
+      with storage.writing(self.path, len(json.dumps(self.mine))):
+        try:
+          with open(temporary, 'w') as f:
+            json.dump(self.mine, f)
+          os.replace(temporary, self.path)
+        except OSError:
+          with contextlib.suppress(OSError):
+            os.remove(temporary)
+          raise
       if (_read(self.path) or {}).get('token') != self.mine['token']:
         raise UserError(f'workdir {os.path.dirname(self.path)} was taken '
                         f'over by {_describe(_read(self.path))} at the same '

@@ -148,3 +148,58 @@ def run_launch_distributed(*args: str, processes: int, devices: int,
 def tiny_folder(tmp_path):
   return make_image_folder(str(tmp_path / 'images'), num_classes=3,
                            per_class=12)
+
+
+class SmallDisk:
+  """A tmpfs of `size` bytes, mounted in a mount namespace of its own that a
+  sleeping process holds: nothing outside sees it, and it is gone with that
+  process. `path` reaches it from this process and its children (through
+  /proc/PID/root), so runs write into a disk that really fills up or turns
+  read-only, as a user's does."""
+
+  def __init__(self, mountpoint: str, size: int):
+    os.makedirs(mountpoint, exist_ok=True)
+    try:
+      self._holder = subprocess.Popen(
+          ['unshare', '--mount', '--propagation', 'private', 'sh', '-c',
+           'mount -t tmpfs -o size="$1" tmpfs "$0" && echo ready && '
+           'exec sleep 3600', mountpoint, str(size)],
+          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError:
+      pytest.skip('needs unshare(1) for a private tmpfs')
+    if self._holder.stdout.readline().strip() != 'ready':
+      reason = self._holder.communicate()[1].strip()
+      pytest.skip(f'cannot mount a private tmpfs here: {reason}')
+    self._mountpoint = mountpoint
+    self.path = f'/proc/{self._holder.pid}/root{mountpoint}'
+
+  def free(self) -> int:
+    stat = os.statvfs(self.path)
+    return stat.f_bavail * stat.f_frsize
+
+  def fill(self, leave: int) -> None:
+    """Takes all but `leave` bytes of the free space (give it back with
+    `unfill`)."""
+    with open(os.path.join(self.path, '.filler'), 'wb') as f:
+      os.posix_fallocate(f.fileno(), 0, self.free() - leave)
+
+  def unfill(self) -> None:
+    os.remove(os.path.join(self.path, '.filler'))
+
+  def remount(self, options: str) -> None:
+    """E.g. 'ro' or 'rw'."""
+    subprocess.run(['nsenter', f'--target={self._holder.pid}', '--mount',
+                    '--', 'mount', '-o', f'remount,{options}',
+                    self._mountpoint], check=True)
+
+  def close(self) -> None:
+    self._holder.kill()
+    self._holder.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 4 MiB disk of its own (see SmallDisk)."""
+  disk = SmallDisk(str(tmp_path / 'small_disk'), 4 << 20)
+  yield disk
+  disk.close()

@@ -11,6 +11,7 @@ import pytest
 from jaxlab import downloads
 from jaxlab import models
 from jaxlab import pretrained
+from jaxlab import storage
 from jaxlab.errors import UserError
 
 
@@ -230,6 +231,21 @@ def test_download_checks_sha256_and_leaves_nothing_on_mismatch(file_server,
   assert sorted(os.listdir(cache)) == ['w.bin']
   with pytest.raises(UserError, match=r'downloading .*missing.bin failed'):
     downloads.download(f'{url}/missing.bin', str(cache / 'y.bin'), '0' * 64)
+
+
+def test_a_download_that_does_not_fit_is_named_and_removed(file_server,
+                                                          small_disk):
+  served, url = file_server
+  (served / 'weights.bin').write_bytes(b'w' * 300_000)
+  destination = os.path.join(small_disk.path, 'cache', 'w.bin')
+  small_disk.fill(leave=64 << 10)
+  with pytest.raises(storage.WriteFailed) as e:
+    downloads.download(f'{url}/weights.bin', destination,
+                       downloads.sha256_of(str(served / 'weights.bin')))
+  assert str(e.value).startswith(
+      f'could not write {destination}: No space left on device (the write '
+      'needed 293.0 KiB; '), e.value
+  assert os.listdir(os.path.dirname(destination)) == []
 
 
 def test_official_weights_download_into_the_cache(file_server, tmp_path,
