@@ -13,6 +13,7 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported.
 
 from jaxlab import runtime  # pylint: disable=g-import-not-at-top
+from jaxlab import storage  # pylint: disable=g-import-not-at-top
 
 runtime.apply_defaults()  # Before JAX starts: XLA flags, malloc.
 
@@ -62,7 +63,11 @@ class _QuietLibraries(std_logging.Filter):
         '/clu/' in record.pathname):
       return True
     # A library's failure that matters reaches jaxlab as an exception, and
-    # ends the run with its own message (a traceback where it is a bug).
+    # ends the run with its own message (a traceback where it is a bug); a
+    # refused write (a checkpoint's, on a full disk) is reported once, so
+    # the leftovers of orbax's failed writes are not logged again.
+    if record.exc_info and storage.is_write_error(record.exc_info[1]):
+      return False
     record.exc_info = record.exc_text = None
     return record.levelno >= std_logging.WARNING
 

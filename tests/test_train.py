@@ -12,6 +12,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
@@ -22,6 +23,7 @@ from jaxlab import train
 from jaxlab.errors import UserError
 from jaxlab.preprocessing import Preprocess
 from tests.conftest import ROOT
+from tests.conftest import SmallDisk
 from tests.conftest import make_image_folder
 from tests.conftest import run_launch
 from tests.conftest import run_launch_distributed
@@ -126,34 +128,6 @@ def _assert_same_numbers(workdir: str, reference: str) -> None:
       records.read_history(reference))
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-  data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
-                           per_class=24, mode='RGBA')
-  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
-  run_launch(*_small_args(data, whole, epochs=4, batch=4))
-
-  proc = _start(_small_args(data, broken, epochs=4, batch=4))
-  first_checkpoint = os.path.join(broken, 'checkpoints', '1')
-  deadline = time.time() + 240
-  while not os.path.isdir(first_checkpoint) and proc.poll() is None:
-    assert time.time() < deadline, 'no checkpoint after 240 s'
-    time.sleep(0.02)
-  os.killpg(proc.pid, signal.SIGKILL)
-  proc.wait()
-  assert records.read_results(broken) is None, 'run ended before the kill'
-
-  resumed = run_launch(*_small_args(data, broken, epochs=4, batch=4))
-  # The killed run's workdir lock is taken over, with a warning.
-  assert 'Taking over the lock of pid' in resumed.stderr
-  assert 'Resumed from the checkpoint of epoch' in resumed.stderr
-  _assert_same_numbers(broken, whole)
-
-  got = records.read_results(broken)
-  again = run_launch(*_small_args(data, broken, epochs=4, batch=4))
-  assert 'already finished 4 epochs' in again.stderr
-  assert records.read_results(broken) == got
-
-
 def _truncate_checkpoint(workdir: str, epoch: int) -> None:
   """Every file of the checkpoint cut to half, as a crashed filesystem or a
   copy cut short leaves them."""
@@ -165,12 +139,53 @@ def _truncate_checkpoint(workdir: str, epoch: int) -> None:
         f.truncate(os.path.getsize(path) // 2)
 
 
-def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
-    tmp_path):
-  data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
-                           per_class=24, mode='RGBA')
-  whole, broken = str(tmp_path / 'whole'), str(tmp_path / 'broken')
+# Tests of one worker share the fixture's run.
+_SHARES_THREE_EPOCHS = pytest.mark.xdist_group('three_epochs')
+
+
+@pytest.fixture(scope='module')
+def three_epochs(tmp_path_factory):
+  """A small image folder, and an uninterrupted 3-epoch run on it."""
+  root = tmp_path_factory.mktemp('three_epochs')
+  data = make_image_folder(str(root / 'imgs'), num_classes=3, per_class=24,
+                           mode='RGBA')
+  whole = str(root / 'whole')
   run_launch(*_small_args(data, whole, epochs=3, batch=4))
+  return data, whole
+
+
+@_SHARES_THREE_EPOCHS
+def test_killed_run_resumes_to_the_uninterrupted_result(three_epochs,
+                                                        tmp_path):
+  data, whole = three_epochs
+  broken = str(tmp_path / 'broken')
+  proc = _start(_small_args(data, broken, epochs=3, batch=4))
+  first_checkpoint = os.path.join(broken, 'checkpoints', '1')
+  deadline = time.time() + 240
+  while not os.path.isdir(first_checkpoint) and proc.poll() is None:
+    assert time.time() < deadline, 'no checkpoint after 240 s'
+    time.sleep(0.02)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert records.read_results(broken) is None, 'run ended before the kill'
+
+  resumed = run_launch(*_small_args(data, broken, epochs=3, batch=4))
+  # The killed run's workdir lock is taken over, with a warning.
+  assert 'Taking over the lock of pid' in resumed.stderr
+  assert 'Resumed from the checkpoint of epoch' in resumed.stderr
+  _assert_same_numbers(broken, whole)
+
+  got = records.read_results(broken)
+  again = run_launch(*_small_args(data, broken, epochs=3, batch=4))
+  assert 'already finished 3 epochs' in again.stderr
+  assert records.read_results(broken) == got
+
+
+@_SHARES_THREE_EPOCHS
+def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
+    three_epochs, tmp_path):
+  data, whole = three_epochs
+  broken = str(tmp_path / 'broken')
   run_launch(*_small_args(data, broken, epochs=2, batch=4))
   _truncate_checkpoint(broken, 2)
   resumed = run_launch(*_small_args(data, broken, epochs=3, batch=4))
@@ -189,6 +204,57 @@ def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
   line = proc.stderr.strip().splitlines()[-1]
   assert line.startswith('error: no checkpoint in ') and (
       'run again to start from scratch' in line), line
+
+
+def _tmpfs_bytes(folder: str) -> int:
+  """What `folder`'s files take on a tmpfs: whole pages."""
+  return sum(-(-os.path.getsize(os.path.join(root, name)) // 4096) * 4096
+             for root, _, names in os.walk(folder) for name in names)
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+  """The one line a run that cannot go on ends with."""
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  return proc.stderr.strip().splitlines()[-1]
+
+
+@_SHARES_THREE_EPOCHS
+def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(
+    three_epochs, tmp_path):
+  data, whole = three_epochs
+  checkpoint = _tmpfs_bytes(os.path.join(whole, 'checkpoints', '1'))
+  disk = SmallDisk(str(tmp_path / 'disk'), 64 << 20)
+  try:
+    workdir = os.path.join(disk.path, 'run')
+    # Keeping one checkpoint: the failed save must not delete the one before.
+    args = _small_args(data, workdir, epochs=3, batch=4) + [
+        '--config.checkpoint.keep=1']
+    # Room for the records and one and a half checkpoints: the second
+    # checkpoint's save fails in the background.
+    disk.fill(leave=_tmpfs_bytes(whole) - 2 * checkpoint + checkpoint // 2)
+    line = _last_line(run_launch(*args, check=False))
+    assert line.startswith(f'error: could not write {workdir}/checkpoints/2: '
+                           'No space left on device (the write needed '), line
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+    # The checkpoint before it restores, to the uninterrupted run's arrays.
+    restored, expected = (
+        ocp.StandardCheckpointer().restore(
+            os.path.join(d, 'checkpoints', '1', 'default'))
+        for d in (workdir, whole))
+    jax.tree.map(np.testing.assert_array_equal, restored, expected)
+
+    disk.remount('ro')
+    line = _last_line(run_launch(*args, check=False))
+    assert line.startswith(f'error: could not write {workdir}/lock.json: '
+                           'Read-only file system'), line
+
+    disk.remount('rw')
+    disk.unfill()
+    resumed = run_launch(*args)
+    assert 'Resumed from the checkpoint of epoch 1' in resumed.stderr
+    _assert_same_numbers(workdir, whole)
+  finally:
+    disk.close()
 
 
 def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(
