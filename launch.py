@@ -92,6 +92,7 @@ def main(argv):
   sys.unraisablehook = _log_unraisable_once
   # Imported here, after flag parsing; --summary needs no TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxlab import preemption  # pylint: disable=g-import-not-at-top
   from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
   cluster_flags = [f'--{name}' for name in ('coordinator_address',
                                              'num_processes', 'process_id')
@@ -124,6 +125,9 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except preemption.Preempted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    sys.exit(preemption.EXIT_STATUS)
 
 
 _FLAG_ERRORS = (flags.Error, KeyError, ValueError, TypeError, AttributeError,

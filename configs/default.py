@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_epochs = 1
+  # Also every N train steps, mid-epoch (0: off); a run resumed from one
+  # ends exactly as an uninterrupted one.
+  config.checkpoint.every_steps = 0
   config.checkpoint.keep = 3
+  config.log_every_steps = 50    # Train loss to TensorBoard, console (0: off).
   config.progress_bar = True
   return config

@@ -361,20 +361,22 @@ def _batches(split: Split, index_batches: np.ndarray,
 
 
 def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int,
-                  sharding: Sharding) -> Iterator[dict]:
-  """This process's share of each training batch of one epoch.
+                  sharding: Sharding, first_step: int = 0) -> Iterator[dict]:
+  """This process's share of each training batch of one epoch, from the
+  batch after `first_step` steps on.
 
   The order is a permutation drawn from (seed, epoch) alone, so a resumed run
-  sees the same batches as an uninterrupted one. The last incomplete batch
-  of an epoch is dropped. Batches are dicts of numpy arrays shaped
-  [local_devices, per_device_batch, ...].
+  sees the same batches as an uninterrupted one, also from mid-epoch. The
+  last incomplete batch of an epoch is dropped. Batches are dicts of numpy
+  arrays shaped [local_devices, per_device_batch, ...].
   """
   local = sharding.local_batch_size(global_batch_size, 'batch_size')
   steps = len(split) // global_batch_size
   order = np.random.default_rng([seed, epoch]).permutation(len(split))
   order = order[:steps * global_batch_size].reshape(steps, global_batch_size)
   start = sharding.process_index * local
-  yield from _batches(split, order[:, start:start + local], sharding)
+  yield from _batches(split, order[first_step:, start:start + local],
+                      sharding)
 
 
 def steps_per_epoch(split: Split, global_batch_size: int) -> int:

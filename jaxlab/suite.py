@@ -17,6 +17,7 @@ import ml_collections
 from absl import logging
 
 from jaxlab import records
+from jaxlab import preemption
 from jaxlab import report
 from jaxlab import storage
 from jaxlab import train
@@ -114,8 +115,10 @@ def run_suite(suite_config, workdir: str) -> list[dict]:
     failed = os.path.join(directory, records.FAILED)
     try:
       train.train_and_evaluate(config, directory)
-    except storage.WriteFailed:
-      raise  # A full disk fails every run after it too: stop here.
+    except (storage.WriteFailed, preemption.Preempted):
+      # A full disk fails every run after it too; a stop asked for stops
+      # the suite (the same command resumes it).
+      raise
     except Exception as e:  # pylint: disable=broad-except
       # A broken run must not stop the others; its error is kept.
       message = str(e) if isinstance(e, UserError) else (

@@ -41,7 +41,11 @@ _RANGES: dict[str, tuple[Callable, str]] = {
     'seed': (lambda v: _integer(v) and v >= 0, 'an integer >= 0'),
     'checkpoint.every_epochs': (lambda v: _integer(v) and v >= 1,
                                 'an integer >= 1'),
+    'checkpoint.every_steps': (lambda v: _integer(v) and v >= 0,
+                               'an integer >= 0 (0: off)'),
     'checkpoint.keep': (lambda v: _integer(v) and v >= 1, 'an integer >= 1'),
+    'log_every_steps': (lambda v: _integer(v) and v >= 0,
+                        'an integer >= 0 (0: off)'),
 }
 
 _MISSING = object()

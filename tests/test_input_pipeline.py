@@ -198,6 +198,13 @@ def test_train_batches_are_seeded_per_epoch_and_drop_the_remainder():
   assert len(set(np.concatenate([b.ravel() for b in epoch1]))) == 32
 
 
+def test_train_batches_from_mid_epoch_are_the_rest_of_the_epoch():
+  split, sharding = _split(37), Sharding(0, 1, 2)
+  whole, rest = ([b['label'] for b in input_pipeline.train_batches(
+      split, 8, 3, 2, sharding, first_step=first)] for first in (0, 3))
+  np.testing.assert_array_equal(np.stack(rest), np.stack(whole[3:]))
+
+
 def test_processes_take_disjoint_parts_of_each_train_batch():
   split = _split(40)
   parts = [np.stack([b['label'] for b in input_pipeline.train_batches(

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,11 @@ import pytest
 
 from configs import default
 from jaxlab import models
+from jaxlab import preemption
 from jaxlab import records
 from jaxlab import steps
 from jaxlab import train
+from jaxlab.checkpointing import Checkpoints
 from jaxlab.errors import UserError
 from jaxlab.preprocessing import Preprocess
 from tests.conftest import ROOT
@@ -128,11 +131,36 @@ def _assert_same_numbers(workdir: str, reference: str) -> None:
       records.read_history(reference))
 
 
-def _truncate_checkpoint(workdir: str, epoch: int) -> None:
+def _checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in `workdir`, oldest first."""
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if d.isdigit())
+
+
+def _positions(workdir: str) -> list[tuple[int, int]]:
+  """(epochs done, steps into the next) of each checkpoint, oldest first."""
+  checkpoints = Checkpoints(os.path.join(workdir, 'checkpoints'))
+  try:
+    return [(p.epochs_done, p.steps_into_epoch) for p in
+            map(checkpoints.position, _checkpoint_steps(workdir))]
+  finally:
+    checkpoints.close()
+
+
+def _wait_for_a_checkpoint(proc: subprocess.Popen, workdir: str) -> None:
+  """Returns as soon as the run `proc` has a complete checkpoint."""
+  deadline = time.time() + 240
+  while not (os.path.isdir(os.path.join(workdir, 'checkpoints')) and
+             _checkpoint_steps(workdir)) and proc.poll() is None:
+    assert time.time() < deadline, 'no checkpoint after 240 s'
+    time.sleep(0.02)
+
+
+def _truncate_checkpoint(workdir: str, step: int) -> None:
   """Every file of the checkpoint cut to half, as a crashed filesystem or a
   copy cut short leaves them."""
   for root, _, files in os.walk(os.path.join(workdir, 'checkpoints',
-                                             str(epoch))):
+                                             str(step))):
     for name in files:
       path = os.path.join(root, name)
       with open(path, 'r+b') as f:
@@ -159,44 +187,76 @@ def test_killed_run_resumes_to_the_uninterrupted_result(three_epochs,
                                                         tmp_path):
   data, whole = three_epochs
   broken = str(tmp_path / 'broken')
-  proc = _start(_small_args(data, broken, epochs=3, batch=4))
-  first_checkpoint = os.path.join(broken, 'checkpoints', '1')
-  deadline = time.time() + 240
-  while not os.path.isdir(first_checkpoint) and proc.poll() is None:
-    assert time.time() < deadline, 'no checkpoint after 240 s'
-    time.sleep(0.02)
+  # Killed right after its first checkpoint, 5 steps into epoch 1.
+  args = _small_args(data, broken, epochs=3, batch=4) + [
+      '--config.checkpoint.every_steps=5']
+  proc = _start(args)
+  _wait_for_a_checkpoint(proc, broken)
   os.killpg(proc.pid, signal.SIGKILL)
   proc.wait()
   assert records.read_results(broken) is None, 'run ended before the kill'
+  assert _positions(broken)[0] == (0, 5)
 
-  resumed = run_launch(*_small_args(data, broken, epochs=3, batch=4))
+  resumed = run_launch(*args)
   # The killed run's workdir lock is taken over, with a warning.
   assert 'Taking over the lock of pid' in resumed.stderr
-  assert 'Resumed from the checkpoint of epoch' in resumed.stderr
+  assert re.search(r'Resumed from the checkpoint of epoch \d, step \d+ of '
+                   r'\d+ \(after step \d+\)', resumed.stderr)
   _assert_same_numbers(broken, whole)
 
   got = records.read_results(broken)
-  again = run_launch(*_small_args(data, broken, epochs=3, batch=4))
+  again = run_launch(*args)
   assert 'already finished 3 epochs' in again.stderr
   assert records.read_results(broken) == got
+
+
+@_SHARES_THREE_EPOCHS
+def test_sigterm_mid_epoch_checkpoints_stops_and_resumes_exactly(
+    three_epochs, tmp_path):
+  data, whole = three_epochs
+  stopped = str(tmp_path / 'stopped')
+  args = _small_args(data, stopped, epochs=3, batch=4)
+  proc = _start(args)
+  _wait_for_a_checkpoint(proc, stopped)
+  # Epoch 1 is done: stop in epoch 2; a second signal changes nothing.
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  stderr = proc.communicate(timeout=120)[1].decode()
+  assert proc.returncode == preemption.EXIT_STATUS, stderr
+  assert 'Traceback' not in stderr, stderr
+  line = stderr.strip().splitlines()[-1]
+  assert re.fullmatch(r'stopped: stopped by SIGTERM at epoch \d(, step \d+ '
+                      r'of \d+)? \(after step \d+\), with a checkpoint; run '
+                      r'the same command again to resume from it', line), line
+  assert records.read_results(stopped) is None
+  assert len(_positions(stopped)) == 2
+
+  resumed = run_launch(*args)
+  assert 'Taking over' not in resumed.stderr  # The lock was released.
+  _assert_same_numbers(stopped, whole)
 
 
 @_SHARES_THREE_EPOCHS
 def test_corrupted_newest_checkpoint_is_skipped_and_resume_is_exact(
     three_epochs, tmp_path):
   data, whole = three_epochs
+  # The uninterrupted run as a crash before its results would leave it.
   broken = str(tmp_path / 'broken')
-  run_launch(*_small_args(data, broken, epochs=2, batch=4))
-  _truncate_checkpoint(broken, 2)
+  shutil.copytree(whole, broken)
+  os.remove(os.path.join(broken, records.RESULTS))
+  newest = _checkpoint_steps(broken)[-1]
+  _truncate_checkpoint(broken, newest)
   resumed = run_launch(*_small_args(data, broken, epochs=3, batch=4))
-  assert f'{os.path.join(broken, "checkpoints", "2")} does not restore' in (
-      resumed.stderr)
-  assert 'Resumed from the checkpoint of epoch 1' in resumed.stderr
+  assert f'{os.path.join(broken, "checkpoints", str(newest))} does not ' \
+      'restore' in resumed.stderr
+  assert 'Resumed from the checkpoint of epoch 2' in resumed.stderr
   _assert_same_numbers(broken, whole)
-  assert os.path.isdir(os.path.join(broken, 'checkpoints_unreadable', '2'))
+  assert os.path.isdir(os.path.join(broken, 'checkpoints_unreadable',
+                                    str(newest)))
   # With every checkpoint unreadable: one line, and what to do.
-  for epoch in (1, 2, 3):
-    _truncate_checkpoint(broken, epoch)
+  for step in _checkpoint_steps(broken):
+    _truncate_checkpoint(broken, step)
   os.remove(os.path.join(broken, records.RESULTS))
   proc = run_launch(*_small_args(data, broken, epochs=3, batch=4),
                     check=False)
@@ -222,7 +282,8 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
 def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(
     three_epochs, tmp_path):
   data, whole = three_epochs
-  checkpoint = _tmpfs_bytes(os.path.join(whole, 'checkpoints', '1'))
+  first, second, _ = _checkpoint_steps(whole)  # Of epochs 1, 2, 3.
+  checkpoint = _tmpfs_bytes(os.path.join(whole, 'checkpoints', str(first)))
   disk = SmallDisk(str(tmp_path / 'disk'), 64 << 20)
   try:
     workdir = os.path.join(disk.path, 'run')
@@ -233,13 +294,14 @@ def test_a_full_disk_ends_the_run_in_one_line_and_loses_nothing(
     # checkpoint's save fails in the background.
     disk.fill(leave=_tmpfs_bytes(whole) - 2 * checkpoint + checkpoint // 2)
     line = _last_line(run_launch(*args, check=False))
-    assert line.startswith(f'error: could not write {workdir}/checkpoints/2: '
-                           'No space left on device (the write needed '), line
-    assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['1']
+    assert line.startswith(f'error: could not write {workdir}/checkpoints/'
+                           f'{second}: No space left on device (the write '
+                           'needed '), line
+    assert os.listdir(os.path.join(workdir, 'checkpoints')) == [str(first)]
     # The checkpoint before it restores, to the uninterrupted run's arrays.
     restored, expected = (
         ocp.StandardCheckpointer().restore(
-            os.path.join(d, 'checkpoints', '1', 'default'))
+            os.path.join(d, 'checkpoints', str(first), 'default'))
         for d in (workdir, whole))
     jax.tree.map(np.testing.assert_array_equal, restored, expected)
 
@@ -262,24 +324,27 @@ def test_second_run_on_a_workdir_is_refused_while_the_first_finishes(
   data = make_image_folder(str(tmp_path / 'imgs'), num_classes=3,
                            per_class=24, mode='RGBA')
   workdir = str(tmp_path / 'run')
-  # Long enough to still run when the second has started.
-  first = _start(_small_args(data, workdir, epochs=40, batch=4))
+  args = _small_args(data, workdir, epochs=3, batch=4)
+  first = _start(args)
   lock = os.path.join(workdir, 'lock.json')
   deadline = time.time() + 240
   while not os.path.exists(lock) and first.poll() is None:
     assert time.time() < deadline, 'no lock after 240 s'
     time.sleep(0.02)
-  second = run_launch(*_small_args(data, workdir, epochs=40, batch=4),
-                      check=False)
+  # Paused, holding the lock, for as long as the second run takes.
+  first.send_signal(signal.SIGSTOP)
+  try:
+    second = run_launch(*args, check=False)
+  finally:
+    first.send_signal(signal.SIGCONT)
   assert second.returncode != 0 and 'Traceback' not in second.stderr
   line = second.stderr.strip().splitlines()[-1]
   assert line.startswith(f'error: workdir {workdir} is in use by pid '
                          f'{first.pid} on host '), line
   first.communicate(timeout=300)
   assert first.returncode == 0
-  assert [e['epoch'] for e in records.read_history(workdir)] == list(
-      range(1, 41))
-  assert records.read_results(workdir)['epochs'] == 40
+  assert [e['epoch'] for e in records.read_history(workdir)] == [1, 2, 3]
+  assert records.read_results(workdir)['epochs'] == 3
   assert not os.path.exists(lock)
 
 
@@ -312,7 +377,7 @@ def test_train_and_evaluate_writes_history_results_and_events(tiny_folder,
   assert json.load(open(os.path.join(workdir, 'config.json')))['data'][
       'image_size'] == 16
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
-  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+  assert _positions(workdir) == [(1, 0), (2, 0)]
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder,
@@ -324,9 +389,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder,
                      match=r'training loss became (nan|inf) in epoch \d'):
     train.train_and_evaluate(config, workdir)
   history = records.read_history(workdir)
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir,
-                                                         'checkpoints')))
-  assert saved == [h['epoch'] for h in history]
+  assert _positions(workdir) == [(h['epoch'], 0) for h in history]
   assert all(math.isfinite(h['train_loss']) for h in history)
   assert records.read_results(workdir) is None
 

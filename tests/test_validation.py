@@ -31,6 +31,9 @@ from jaxlab.errors import UserError
     (default, 'num_epochs', 0, r'num_epochs=0 must be an integer >= 1'),
     (default, 'checkpoint.every_epochs', 0, r'checkpoint.every_epochs=0'),
     (default, 'checkpoint.keep', 0, r'checkpoint.keep=0'),
+    (default, 'checkpoint.every_steps', -1,
+     r'checkpoint.every_steps=-1 must be an integer >= 0 \(0: off\)'),
+    (default, 'log_every_steps', -5, r'log_every_steps=-5 must be'),
     (default, 'seed', -1, r'seed=-1 must be an integer >= 0'),
     (default, 'data.image_size', 4, r'data.image_size=4 must be an integer of '
      'at least 8'),
