@@ -69,6 +69,10 @@ class Position:
   steps_into_epoch: int = 0
   epoch_metrics: dict | None = None
 
+  def global_step(self, steps_per_epoch: int) -> int:
+    """The train steps done at this position."""
+    return self.epochs_done * steps_per_epoch + self.steps_into_epoch
+
 
 class Checkpoints:
   """Saves and restores a `TrainState` with its `Position`, keeping the
@@ -107,7 +111,7 @@ class Checkpoints:
   def latest_position(self) -> Position | None:
     """The position of the newest checkpoint whose metadata reads, or None;
     without reading any array."""
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in reversed(self.steps()):
       try:
         return self.position(step)
       except Exception:  # pylint: disable=broad-except
@@ -179,7 +183,7 @@ class Checkpoints:
     """
     directory = str(self._manager.directory)
     failures = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    for step in reversed(self.steps()):
       try:
         return self.restore(step, like)
       except Exception as e:  # pylint: disable=broad-except

@@ -25,9 +25,6 @@ EXIT_STATUS = 75
 class Preempted(Exception):
   """The run stopped on a signal after writing a checkpoint."""
 
-  def __init__(self, message: str):
-    super().__init__(message)
-
 
 class StopSignals:
   """While active, SIGTERM and SIGINT ask the run to stop after a step.

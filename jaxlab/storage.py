@@ -100,10 +100,12 @@ def _remove_quietly(path: str) -> None:
     os.remove(path)
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-  """Writes `data` to `path` through a temporary file renamed into place."""
+def write_atomic(path: str, data: bytes | str,
+                 temporary: str | None = None) -> None:
+  """Writes `data` to `path` through a temporary file (`path`.tmp unless
+  named) renamed into place."""
   payload = data.encode() if isinstance(data, str) else data
-  temporary = path + '.tmp'
+  temporary = temporary or path + '.tmp'
   with writing(path, len(payload)):
     try:
       with open(temporary, 'wb') as f:

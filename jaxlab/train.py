@@ -124,12 +124,8 @@ class _Loop:
     self.config, self.checkpoints, self.writer = config, checkpoints, writer
     self.stop, self.steps_per_epoch = stop, steps_per_epoch
 
-  def global_step(self, position: Position) -> int:
-    return position.epochs_done * self.steps_per_epoch + (
-        position.steps_into_epoch)
-
   def save(self, state, position: Position) -> None:
-    self.checkpoints.save(self.global_step(position),
+    self.checkpoints.save(position.global_step(self.steps_per_epoch),
                           steps.unreplicate(state), position)
 
   def stop_here(self, state, position: Position) -> None:
@@ -139,8 +135,8 @@ class _Loop:
     raise preemption.Preempted(
         f'stopped by {self.stop.received} at '
         f'{_where(position, self.steps_per_epoch)} (after step '
-        f'{self.global_step(position)}), with a checkpoint; run the same '
-        'command again to resume from it')
+        f'{position.global_step(self.steps_per_epoch)}), with a checkpoint; '
+        'run the same command again to resume from it')
 
 
 def _train_epoch(loop: _Loop, train_fn, state, dataset, epoch: int,
@@ -176,7 +172,7 @@ def _train_epoch(loop: _Loop, train_fn, state, dataset, epoch: int,
     in_flight = metrics
     bar.update(config.batch_size)
     position = Position(epoch - 1, step_in_epoch)
-    step = loop.global_step(position)
+    step = position.global_step(n_steps)
     log = config.log_every_steps and step % config.log_every_steps == 0
     save = (config.checkpoint.every_steps and step_in_epoch < n_steps and
             step % config.checkpoint.every_steps == 0)
@@ -314,7 +310,8 @@ def _train_epochs(loop: _Loop, train_fn, p_eval, state, dataset,
     if stopping and not last:
       loop.stop_here(state, end)
     if (last or epoch % config.checkpoint.every_epochs == 0 or
-        (every_steps and loop.global_step(end) % every_steps == 0)):
+        (every_steps and
+         end.global_step(loop.steps_per_epoch) % every_steps == 0)):
       loop.save(state, end)
   return state
 
@@ -349,8 +346,7 @@ def _train(config, workdir, config_dict, checkpoints, resuming: bool,
     position, state = checkpoints.restore_newest(state)
     logging.info('Resumed from the checkpoint of %s (after step %d).',
                  _where(position, steps_per_epoch),
-                 position.epochs_done * steps_per_epoch +
-                 position.steps_into_epoch)
+                 position.global_step(steps_per_epoch))
   if jax.process_index() == 0:
     records.write_config(workdir, config_dict)
     records.truncate_history(workdir, position.epochs_done)

@@ -117,16 +117,8 @@ class WorkdirLock:
       # Written aside and renamed over the old lock; of several processes
       # taking it over at once, the last rename wins, and the others see
       # someone else's token.
-      temporary = f'{self.path}.{self.mine["token"]}'
-      with storage.writing(self.path, len(json.dumps(self.mine))):
-        try:
-          with open(temporary, 'w') as f:
-            json.dump(self.mine, f)
-          os.replace(temporary, self.path)
-        except OSError:
-          with contextlib.suppress(OSError):
-            os.remove(temporary)
-          raise
+      storage.write_atomic(self.path, json.dumps(self.mine),
+                           temporary=f'{self.path}.{self.mine["token"]}')
       if (_read(self.path) or {}).get('token') != self.mine['token']:
         raise UserError(f'workdir {os.path.dirname(self.path)} was taken '
                         f'over by {_describe(_read(self.path))} at the same '
