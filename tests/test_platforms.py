@@ -131,9 +131,13 @@ def test_cpu_program_computes_what_the_plain_program_does(name, options):
                       static_argnums=1)
   fast, plain = (gradients(variables['params'], cpu) for cpu in (True, False))
   np.testing.assert_allclose(fast[0][0], plain[0][0], rtol=1e-5)
-  # Gradients that are zero but for rounding (a convolution's bias before
-  # BatchNorm) compare at the scale of the largest.
+  # Gradients compare at the scale of the largest: some are zero but for
+  # rounding (a convolution's bias before BatchNorm), and a kernel's gradient
+  # sums batch x positions products in an order that depends on the CPU's
+  # oneDNN kernel. Measured against float64 (ResNet-18 here, Intel Xeon with
+  # AMX): the CPU program's largest error is 1.5e-5 of the scale, the plain
+  # program's 5e-7; a wrong gradient is off by far more than either.
   scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(plain[1]))
-  for part, atol in ((1, 1e-5 * scale), (0, 1e-4)):
+  for part, atol in ((1, 3e-5 * scale), (0, 1e-4)):
     jax.tree.map(lambda a, b, atol=atol: np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=atol), fast[part], plain[part])
