@@ -36,6 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.split = (0.7, 0.2, 0.1)  # Train/val/test of unsplit data.
   config.data.split_seed = 0     # Same split whatever the training seed.
   config.data.skip_bad_images = False
+  # Where the images live while training: 'memory' (decoded once), 'stream'
+  # (decoded from disk batch by batch), or 'auto': memory if the decoded
+  # splits fit memory_budget_gb (0: half of this machine's memory).
+  config.data.cache = 'auto'
+  config.data.memory_budget_gb = 0.0
+  config.data.threads = 0        # Decoding threads per process; 0: one a core.
+  config.data.workers = 0        # Decoding processes; 0: the training one.
   config.data.mean = ()          # Per-channel normalisation, e.g. ImageNet's.
   config.data.std = ()
   config.data.random_hflip = False   # Training-only augmentation.

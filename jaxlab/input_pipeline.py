@@ -1,4 +1,5 @@
-"""Datasets held in host memory as uint8 arrays, and the batches fed to devices.
+"""The dataset a config names, as splits in memory or streamed from disk, and
+the batches fed to devices.
 
 Three sources, chosen by the config's `data` section:
   * `data.path` empty and `data.tfds_name` empty: scikit-learn's handwritten
@@ -11,15 +12,16 @@ Three sources, chosen by the config's `data` section:
   * `data.tfds_name`: a tensorflow-datasets dataset prepared in
     `data.data_dir`, downloaded only when `data.download` is true.
 
-Every image is decoded and resized once with PIL (bilinear, as torchvision's
-`Resize` does on PIL images) and kept as uint8; conversion to float and any
-normalisation happen on the device (see `jaxlab.preprocessing`). Batches come
-from tf.data, which gathers and prefetches them on its own threads.
+`data.cache` says where the images live during training: `memory` decodes
+every image once into uint8 arrays; `stream` decodes each batch from disk as
+it is needed (folders, and tfds datasets stored as ArrayRecord); `auto` takes
+memory when the decoded splits fit `data.memory_budget_gb`, else stream.
+Both feed the same loader (`jaxlab.loader`) in the same order, so they give
+the same batches. Conversion to float and any normalisation happen on the
+device (see `jaxlab.preprocessing`).
 """
 
-import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 from typing import Iterator, Sequence
@@ -28,25 +30,13 @@ import numpy as np
 from PIL import Image
 
 from jaxlab import downloads
+from jaxlab import loader
+from jaxlab import sources
 from jaxlab.errors import UserError
+from jaxlab.sources import Split
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-_PIL_MODES = {1: 'L', 3: 'RGB', 4: 'RGBA'}
-
-
-@dataclasses.dataclass
-class Split:
-  """One split: images [N, H, W, C] uint8 and labels [N] int32."""
-  images: np.ndarray
-  labels: np.ndarray
-
-  def __len__(self) -> int:
-    return len(self.labels)
-
-  @functools.cached_property
-  def tf_images(self):
-    """The images as one TF tensor, made once, for tf.data to gather from."""
-    return _tf().constant(self.images)
+CACHES = ('auto', 'memory', 'stream')
 
 
 @dataclasses.dataclass
@@ -72,7 +62,7 @@ def _tf():
 def check_data_config(data_config) -> None:
   """The `data` section's checks that need no data (one-line errors)."""
   channels = data_config.channels
-  if channels not in _PIL_MODES:
+  if channels not in sources.PIL_MODES:
     raise UserError(f'config data.channels={channels!r} is not supported; '
                     'use 1 (grey), 3 (RGB) or 4 (RGBA)')
   size = data_config.image_size
@@ -84,6 +74,18 @@ def check_data_config(data_config) -> None:
                     'one (an image folder or a tfds dataset), or neither for '
                     'the offline digits')
   _check_split(data_config.split)
+  if data_config.cache not in CACHES:
+    raise UserError(f'config data.cache={data_config.cache!r} must be one of '
+                    f'{", ".join(CACHES)}')
+  budget = data_config.memory_budget_gb
+  if (not isinstance(budget, (int, float)) or isinstance(budget, bool) or
+      budget < 0):
+    raise UserError(f'config data.memory_budget_gb={budget!r} must be a number '
+                    'of GB >= 0 (0: half of this machine\'s memory)')
+  for key in ('workers', 'threads'):
+    value = data_config[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise UserError(f'config data.{key}={value!r} must be an integer >= 0')
 
 
 def _check_split(fractions: Sequence[float]) -> None:
@@ -96,22 +98,59 @@ def _check_split(fractions: Sequence[float]) -> None:
                     '0')
 
 
-def load_dataset(data_config) -> Dataset:
-  """Loads the dataset that the config's `data` section names."""
+def load_dataset(data_config, progress: bool = False) -> Dataset:
+  """Loads the dataset that the config's `data` section names, in memory or
+  streamed as `data.cache` says (`progress`: show the decoding's bar)."""
   check_data_config(data_config)
+  if not (data_config.path or data_config.tfds_name):
+    return _load_digits(data_config)
   if data_config.path:
-    return _load_folder(data_config)
-  if data_config.tfds_name:
-    return _load_tfds(data_config)
-  return _load_digits(data_config)
+    splits, class_names, source = _folder_splits(data_config)
+  else:
+    splits, class_names, source = _tfds_splits(data_config)
+  cache = _choose_cache(data_config, splits, source)
+  if cache == 'memory':
+    loading = loader.Loading.from_config(data_config)
+    in_memory = {}
+    for name, split in splits.items():
+      if id(split) not in in_memory:
+        in_memory[id(split)] = loader.load_into_memory(
+            split, loading, f'the {name} split of {source}', progress)
+    splits = {name: in_memory[id(split)] for name, split in splits.items()}
+  elif data_config.tfds_name and not isinstance(splits['train'],
+                                                sources.TfdsRecords):
+    raise UserError(
+        f'{source} is stored as tfrecord, which cannot be read by index, and '
+        f'data.cache={data_config.cache!r} streams it; prepare it as '
+        f'ArrayRecord (`tfds build {data_config.tfds_name} '
+        '--file_format=array_record`), or set --config.data.cache=memory')
+  return Dataset(splits['train'], splits['val'], splits['test'], class_names,
+                 source=f'{source}, {cache}')
 
 
-def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
-  image = image.convert(_PIL_MODES[channels])
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.BILINEAR)
-  array = np.asarray(image, dtype=np.uint8)
-  return array[..., None] if channels == 1 else array
+def memory_budget_bytes(data_config) -> int:
+  """`data.memory_budget_gb` in bytes; 0: half of this machine's memory."""
+  if data_config.memory_budget_gb:
+    return int(data_config.memory_budget_gb * 2**30)
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // 2
+
+
+def _choose_cache(data_config, splits: dict, source: str) -> str:
+  """'memory' or 'stream', as `data.cache` says; `auto` is logged."""
+  if data_config.cache != 'auto':
+    return data_config.cache
+  unique = {id(s): s for s in splits.values()}.values()
+  needed = sum(s.decoded_bytes() for s in unique)
+  budget = memory_budget_bytes(data_config)
+  cache = 'memory' if needed <= budget else 'stream'
+  logging.info('Data: %s decoded at %dx%d needs %.2f GB, %s the memory budget '
+               'of %.2f GB (data.memory_budget_gb): %s (data.cache=auto).',
+               source, data_config.image_size, data_config.image_size,
+               needed / 2**30, 'within' if cache == 'memory' else 'over',
+               budget / 2**30,
+               'decoded into memory' if cache == 'memory' else
+               'streamed from disk')
+  return cache
 
 
 def _split_indices(n: int, fractions: Sequence[float], seed: int,
@@ -130,10 +169,12 @@ def _split_indices(n: int, fractions: Sequence[float], seed: int,
           order[n_train + n_val:]]
 
 
-def _split(images, labels, data_config, where: str) -> list[Split]:
-  parts = _split_indices(len(labels), data_config.split,
+def _split(whole, data_config, where: str) -> dict:
+  """An unsplit source cut into train, val and test by `data.split`."""
+  parts = _split_indices(len(whole), data_config.split,
                          data_config.split_seed, where)
-  return [Split(images[idx], labels[idx]) for idx in parts]
+  return dict(zip(('train', 'val', 'test'),
+                  (whole.subset(idx) for idx in parts)))
 
 
 def _load_digits(data_config) -> Dataset:
@@ -141,12 +182,13 @@ def _load_digits(data_config) -> Dataset:
   digits = sk_datasets.load_digits()
   size, channels = data_config.image_size, data_config.channels
   images = np.stack([
-      _to_array(Image.fromarray(np.uint8(np.round(d * 255 / 16))), size,
-                channels) for d in digits.images])
-  labels = digits.target.astype(np.int32)
-  train, val, test = _split(images, labels, data_config, 'the digits dataset')
-  return Dataset(train, val, test, [str(i) for i in range(10)],
-                 source='scikit-learn digits')
+      sources.to_array(Image.fromarray(np.uint8(np.round(d * 255 / 16))),
+                       size, channels) for d in digits.images])
+  whole = Split(images, digits.target.astype(np.int32))
+  splits = _split(whole, data_config, 'the digits dataset')
+  return Dataset(splits['train'], splits['val'], splits['test'],
+                 [str(i) for i in range(10)],
+                 source='scikit-learn digits, memory')
 
 
 # --------------------------------------------------------------------------
@@ -171,39 +213,8 @@ def _list_images(folder: str) -> list[str]:
   return files
 
 
-def _read_image(path: str, size: int, channels: int) -> np.ndarray:
-  with Image.open(path) as image:
-    image.load()  # Decodes fully, so truncated files fail here.
-    return _to_array(image, size, channels)
-
-
-def _decode_all(paths: list[str], labels: np.ndarray,
-                data_config) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes and resizes every image in parallel; bad ones fail or are skipped."""
-  size, channels = data_config.image_size, data_config.channels
-
-  def read(path):
-    try:
-      return _read_image(path, size, channels)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-      if not data_config.skip_bad_images:
-        raise UserError(f'cannot read image {path} ({e}); fix or remove it, '
-                        'or set --config.data.skip_bad_images=True to skip '
-                        'unreadable images') from None
-      logging.warning('Skipping unreadable image %s (%s)', path, e)
-      return None
-
-  workers = min(32, (os.cpu_count() or 1) * 4)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    arrays = list(pool.map(read, paths))
-  keep = [i for i, a in enumerate(arrays) if a is not None]
-  if not keep:
-    raise UserError(f'no readable image among the {len(paths)} in '
-                    f'data.path={data_config.path}')
-  return np.stack([arrays[i] for i in keep]), labels[keep]
-
-
-def _read_class_tree(root: str, class_names: list[str], data_config):
+def _class_tree(root: str, class_names: list[str],
+                data_config) -> sources.ImageFiles:
   """Every image of `root/<class>/`, labelled by the class's index in
   `class_names`; a class without a folder under `root` has no images here."""
   paths, labels = [], []
@@ -213,7 +224,8 @@ def _read_class_tree(root: str, class_names: list[str], data_config):
     files = _list_images(os.path.join(root, name))
     paths += files
     labels += [label] * len(files)
-  return _decode_all(paths, np.asarray(labels, np.int32), data_config)
+  return sources.ImageFiles(np.asarray(paths), np.asarray(labels, np.int32),
+                            data_config.image_size, data_config.channels)
 
 
 def _folder_layout(root: str) -> tuple[set[str], bool]:
@@ -226,45 +238,59 @@ def _folder_layout(root: str) -> tuple[set[str], bool]:
   return subdirs, {'train', 'test'} <= subdirs
 
 
-def _load_folder(data_config) -> Dataset:
+def folder_images(root: str, data_config) -> sources.ImageFiles:
+  """Every image of an unsplit folder (one sub-folder per class), to be
+  decoded at the config's size as it is read."""
+  return _class_tree(root, _class_folders(root, 'config data.path'),
+                     data_config)
+
+
+def _folder_splits(data_config) -> tuple[dict, list[str], str]:
   root = data_config.path
   subdirs, presplit = _folder_layout(root)
-  if presplit:
-    train_dir = os.path.join(root, 'train')
-    class_names = _class_folders(train_dir, 'train folder')
-    splits = {}
-    val_name = next((v for v in ('val', 'validation') if v in subdirs), 'test')
-    for split_name in {'train', 'test', val_name}:
-      split_dir = os.path.join(root, split_name)
-      extra = set(_class_folders(split_dir, f'{split_name} folder')) - set(
-          class_names)
-      if extra:
-        raise UserError(f'{split_dir} has class folder(s) {sorted(extra)} that '
-                        f'{train_dir} lacks; both must hold the same classes')
-      splits[split_name] = Split(*_read_class_tree(split_dir, class_names,
-                                                   data_config))
-    return Dataset(splits['train'], splits[val_name], splits['test'],
-                   class_names, source=f'image folder {root} (pre-split)')
-  class_names = sorted(subdirs)
-  images, labels = _read_class_tree(root, class_names, data_config)
-  train, val, test = _split(images, labels, data_config, f'data.path={root}')
-  return Dataset(train, val, test, class_names, source=f'image folder {root}')
+  if not presplit:
+    class_names = sorted(subdirs)
+    whole = folder_images(root, data_config)
+    return (_split(whole, data_config, f'data.path={root}'), class_names,
+            f'image folder {root}')
+  train_dir = os.path.join(root, 'train')
+  class_names = _class_folders(train_dir, 'train folder')
+  val_name = next((v for v in ('val', 'validation') if v in subdirs), 'test')
+  splits = {}
+  for split_name in ('train', 'test', val_name):
+    if split_name in splits:
+      continue
+    split_dir = os.path.join(root, split_name)
+    extra = set(_class_folders(split_dir, f'{split_name} folder')) - set(
+        class_names)
+    if extra:
+      raise UserError(f'{split_dir} has class folder(s) {sorted(extra)} that '
+                      f'{train_dir} lacks; both must hold the same classes')
+    splits[split_name] = _class_tree(split_dir, class_names, data_config)
+  return ({'train': splits['train'], 'val': splits[val_name],
+           'test': splits['test']}, class_names,
+          f'image folder {root} (pre-split)')
 
 
 # --------------------------------------------------------------------------
 # tensorflow-datasets.
 
 
-def _load_tfds(data_config) -> Dataset:
+def _tfds_builder(data_config):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  _tf()
   name, data_dir = data_config.tfds_name, data_config.data_dir or None
   try:
-    builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
+    return tfds.builder(name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError:
     raise UserError(f'config data.tfds_name={name!r} is not a '
                     'tensorflow-datasets dataset; see '
                     'tfds.list_builders()') from None
+
+
+def _tfds_splits(data_config) -> tuple[dict, list[str], str]:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, data_dir = data_config.tfds_name, data_config.data_dir or None
+  builder = _tfds_builder(data_config)
   if not builder.is_prepared():
     where = data_dir or tfds.core.constants.DATA_DIR
     if not data_config.download:
@@ -286,34 +312,50 @@ def _load_tfds(data_config) -> Dataset:
   if not hasattr(features[label_key], 'num_classes'):
     raise UserError(f'config data.label_key={label_key!r} of tfds dataset '
                     f'{name!r} is not a class label')
-  size, channels = data_config.image_size, data_config.channels
+  random_access = (builder.info.file_format ==
+                   tfds.core.file_adapters.FileFormat.ARRAY_RECORD)
 
-  def read(split_name) -> Split:
-    images, labels = [], []
-    for example in tfds.as_numpy(builder.as_dataset(split=split_name)):
-      image = example[image_key]
-      if image.ndim == 3 and image.shape[-1] == 1:
-        image = image[..., 0]
-      images.append(_to_array(Image.fromarray(image), size, channels))
-      labels.append(example[label_key])
-    return Split(np.stack(images), np.asarray(labels, np.int32))
+  def split(split_name):
+    n = builder.info.splits[split_name].num_examples
+    if random_access:
+      return sources.TfdsRecords(name, split_name, data_dir, image_key,
+                                 label_key, np.arange(n),
+                                 data_config.image_size, data_config.channels)
+    return _tfrecord_split(builder, split_name, data_config)
 
-  splits = set(builder.info.splits.keys())
-  if 'train' not in splits:
+  available = set(builder.info.splits.keys())
+  if 'train' not in available:
     raise UserError(f'tfds dataset {name!r} has no train split (it has '
-                    f'{sorted(splits)})')
-  held_out = [s for s in ('validation', 'test') if s in splits]
+                    f'{sorted(available)})')
+  held_out = [s for s in ('validation', 'test') if s in available]
   if held_out:
-    train = read('train')
-    val = read(held_out[0])
-    test = read(held_out[-1]) if len(held_out) > 1 else val
+    splits = {'train': split('train'), 'val': split(held_out[0])}
+    splits['test'] = (split(held_out[-1]) if len(held_out) > 1 else
+                      splits['val'])
   else:
-    whole = read('train')
-    train, val, test = _split(whole.images, whole.labels, data_config,
-                              f'tfds dataset {name!r}')
+    splits = _split(split('train'), data_config, f'tfds dataset {name!r}')
   class_names = list(getattr(features[label_key], 'names', None) or
                      [str(i) for i in range(features[label_key].num_classes)])
-  return Dataset(train, val, test, class_names, source=f'tfds {name}')
+  return splits, class_names, f'tfds {name}'
+
+
+def _tfrecord_split(builder, split_name: str,
+                    data_config) -> sources.EncodedImages:
+  """A split stored as tfrecord (no random access), read in order once with
+  its images still encoded; they are decoded as any split's are."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _tf()
+  image_key, label_key = data_config.image_key, data_config.label_key
+  blobs, labels = [], []
+  for example in tfds.as_numpy(builder.as_dataset(
+      split=split_name, decoders={image_key: tfds.decode.SkipDecoding()})):
+    blobs.append(example[image_key])
+    labels.append(example[label_key])
+  names = np.asarray([f'{builder.name}/{split_name}[{i}]'
+                      for i in range(len(blobs))])
+  return sources.EncodedImages(np.asarray(blobs, object), names,
+                               np.asarray(labels, np.int32),
+                               data_config.image_size, data_config.channels)
 
 
 # --------------------------------------------------------------------------
@@ -342,26 +384,23 @@ class Sharding:
     return global_batch_size // self.process_count
 
 
-def _batches(split: Split, index_batches: np.ndarray,
-             sharding: Sharding) -> Iterator[dict]:
-  """Gathers [steps, local_batch] indices into device-shaped numpy batches."""
-  tf = _tf()
-  images = split.tf_images
-  labels = tf.constant(split.labels)
+_DEFAULT_LOADING = loader.Loading(threads=0, workers=0, skip_bad_images=False)
+
+
+def _batches(split, elements: list[dict], sharding: Sharding,
+             loading: loader.Loading | None, on_unreadable: str):
+  """Reads [local_batch] index batches into device-shaped numpy batches."""
+  loading = loading or dataclasses.replace(_DEFAULT_LOADING,
+                                           threads=loader.cpu_count())
   n_dev = sharding.local_device_count
-
-  def gather(idx):
-    return {'image': tf.gather(images, idx), 'label': tf.gather(labels, idx)}
-
-  ds = tf.data.Dataset.from_tensor_slices(index_batches)
-  ds = ds.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.prefetch(2)
-  for batch in ds.as_numpy_iterator():
+  for batch in loader.read_batches(split, elements, loading, on_unreadable):
+    del batch['unreadable']
     yield {k: v.reshape((n_dev, -1) + v.shape[1:]) for k, v in batch.items()}
 
 
-def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int,
-                  sharding: Sharding, first_step: int = 0) -> Iterator[dict]:
+def train_batches(split, global_batch_size: int, seed: int, epoch: int,
+                  sharding: Sharding, first_step: int = 0,
+                  loading: loader.Loading | None = None) -> Iterator[dict]:
   """This process's share of each training batch of one epoch, from the
   batch after `first_step` steps on.
 
@@ -375,22 +414,24 @@ def train_batches(split: Split, global_batch_size: int, seed: int, epoch: int,
   order = np.random.default_rng([seed, epoch]).permutation(len(split))
   order = order[:steps * global_batch_size].reshape(steps, global_batch_size)
   start = sharding.process_index * local
-  yield from _batches(split, order[first_step:, start:start + local],
-                      sharding)
+  elements = [{'indices': row}
+              for row in order[first_step:, start:start + local]]
+  yield from _batches(split, elements, sharding, loading, 'replace')
 
 
-def steps_per_epoch(split: Split, global_batch_size: int) -> int:
+def steps_per_epoch(split, global_batch_size: int) -> int:
   return len(split) // global_batch_size
 
 
-def eval_batches(split: Split, global_batch_size: int,
-                 sharding: Sharding) -> Iterator[dict]:
+def eval_batches(split, global_batch_size: int, sharding: Sharding,
+                 loading: loader.Loading | None = None) -> Iterator[dict]:
   """Batches that cover every example of `split` exactly once.
 
   Examples are dealt to processes round-robin; each process pads its share
   to whole batches by repeating example 0 and marks real examples in
   `mask` (1.0) and padding (0.0). Every process runs the same number of
-  batches, as the collective eval step requires.
+  batches, as the collective eval step requires. An unreadable image skipped
+  (skip_bad_images) is masked out.
   """
   local = sharding.local_batch_size(global_batch_size, 'eval_batch_size')
   p, count = sharding.process_index, sharding.process_count
@@ -401,11 +442,9 @@ def eval_batches(split: Split, global_batch_size: int,
   padded[:len(mine)] = mine
   mask = np.zeros(steps * local, np.float32)
   mask[:len(mine)] = 1.0
-  masks = mask.reshape(steps, sharding.local_device_count, -1)
-  for batch, batch_mask in zip(
-      _batches(split, padded.reshape(steps, local), sharding), masks):
-    batch['mask'] = batch_mask
-    yield batch
+  elements = [{'indices': i, 'mask': m} for i, m in
+              zip(padded.reshape(steps, local), mask.reshape(steps, local))]
+  yield from _batches(split, elements, sharding, loading, 'mask')
 
 
 def num_classes(data_config) -> int:

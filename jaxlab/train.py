@@ -27,6 +27,7 @@ from flax import jax_utils
 from tqdm import tqdm
 
 from jaxlab import input_pipeline
+from jaxlab import loader
 from jaxlab import models
 from jaxlab import preemption
 from jaxlab import pretrained
@@ -43,7 +44,8 @@ from jaxlab.preprocessing import Preprocess
 
 # Keys that may differ between a run and its resumption.
 _RESUMABLE_CHANGES = ('num_epochs', 'checkpoint', 'log_every_steps',
-                      'progress_bar')
+                      'progress_bar', 'data.cache', 'data.memory_budget_gb',
+                      'data.threads', 'data.workers')
 
 
 class TrainingDiverged(UserError):
@@ -67,7 +69,7 @@ def _check_same_run(workdir: str, config_dict: dict) -> None:
     return
   old, new = _flat(saved), _flat(config_dict)
   for key in sorted(set(old) | set(new)):
-    if key.split('.')[0] in _RESUMABLE_CHANGES:
+    if key in _RESUMABLE_CHANGES or key.split('.')[0] in _RESUMABLE_CHANGES:
       continue
     if old.get(key) != new.get(key):
       raise UserError(
@@ -75,17 +77,28 @@ def _check_same_run(workdir: str, config_dict: dict) -> None:
           f'not {new.get(key)!r}; use another --workdir for a new run')
 
 
-def evaluate(p_eval, state, split: input_pipeline.Split, batch_size: int,
-             sharding: input_pipeline.Sharding) -> dict:
+def evaluate(p_eval, state, split, batch_size: int,
+             sharding: input_pipeline.Sharding,
+             loading: loader.Loading | None = None) -> dict:
   """Loss, accuracy and example count over every example of `split`, once."""
   total = None
-  for batch in input_pipeline.eval_batches(split, batch_size, sharding):
+  for batch in _on_devices(input_pipeline.eval_batches(split, batch_size,
+                                                       sharding, loading),
+                           sharding):
     m = p_eval(state, batch)
     total = m if total is None else total.merge(m)
   total = jax_utils.unreplicate(total)
   out = {k: float(v) for k, v in total.compute().items()}
   out['count'] = int(round(float(total.loss.count)))
   return out
+
+
+def _on_devices(batches, sharding: input_pipeline.Sharding):
+  """`batches` put on the devices ahead of the step that takes them; with
+  several processes, pmap takes each process's numpy batches as they are."""
+  if sharding.process_count > 1:
+    return batches
+  return loader.to_devices(batches)
 
 
 def _host_metrics(device_metrics) -> steps.TrainMetrics:
@@ -118,11 +131,12 @@ def _where(position: Position, steps_per_epoch: int) -> str:
 
 class _Loop:
   """What the steps of every epoch share: the config, the checkpoints, the
-  metric writer and the stop signals."""
+  metric writer, the stop signals and how batches are read."""
 
   def __init__(self, config, checkpoints, writer, stop, steps_per_epoch):
     self.config, self.checkpoints, self.writer = config, checkpoints, writer
     self.stop, self.steps_per_epoch = stop, steps_per_epoch
+    self.loading = loader.Loading.from_config(config.data)
 
   def save(self, state, position: Position) -> None:
     self.checkpoints.save(position.global_step(self.steps_per_epoch),
@@ -147,9 +161,9 @@ def _train_epoch(loop: _Loop, train_fn, state, dataset, epoch: int,
   was asked for at its last step."""
   config, n_steps = loop.config, loop.steps_per_epoch
   first = start.steps_into_epoch
-  batches = input_pipeline.train_batches(dataset.train, config.batch_size,
-                                         config.seed, epoch, sharding,
-                                         first_step=first)
+  batches = _on_devices(input_pipeline.train_batches(
+      dataset.train, config.batch_size, config.seed, epoch, sharding,
+      first_step=first, loading=loop.loading), sharding)
   bar = tqdm(total=(n_steps - first) * config.batch_size, unit='img',
              leave=False, desc=f'epoch {epoch}/{config.num_epochs}',
              dynamic_ncols=True,
@@ -207,11 +221,10 @@ def _compile_train_step(p_train, state, dataset, config, sharding):
   """Compiles the train step ahead of time; returns it and the seconds taken."""
   local = sharding.local_batch_size(config.batch_size, 'batch_size')
   per_device = local // sharding.local_device_count
-  image = dataset.train.images
   example = {
       'image': jax.ShapeDtypeStruct(
-          (sharding.local_device_count, per_device) + image.shape[1:],
-          image.dtype),
+          (sharding.local_device_count, per_device) +
+          dataset.train.image_shape, np.uint8),
       'label': jax.ShapeDtypeStruct(
           (sharding.local_device_count, per_device), np.int32)}
   start = time.perf_counter()
@@ -292,7 +305,7 @@ def _train_epochs(loop: _Loop, train_fn, p_eval, state, dataset,
           f'lower --config.optimizer.learning_rate (now '
           f'{config.optimizer.learning_rate}) with a new --workdir')
     val = evaluate(p_eval, state, dataset.val, config.eval_batch_size,
-                   sharding)
+                   sharding, loop.loading)
     entry = {'epoch': epoch, 'train_loss': train['loss'],
              'train_accuracy': train['accuracy'], 'val_loss': val['loss'],
              'val_accuracy': val['accuracy'],
@@ -319,7 +332,8 @@ def _train_epochs(loop: _Loop, train_fn, p_eval, state, dataset,
 def _train(config, workdir, config_dict, checkpoints, resuming: bool,
            preprocess, sharding) -> dict:
   """The body of `train_and_evaluate`, from data loading to results."""
-  dataset = input_pipeline.load_dataset(config.data)
+  dataset = input_pipeline.load_dataset(
+      config.data, progress=config.progress_bar and jax.process_index() == 0)
   logging.info('Data: %s; %d train / %d val / %d test examples, %d classes.',
                dataset.source, len(dataset.train), len(dataset.val),
                len(dataset.test), dataset.num_classes)
@@ -328,7 +342,7 @@ def _train(config, workdir, config_dict, checkpoints, resuming: bool,
                     f'{len(dataset.train)} training examples')
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset.train,
                                                    config.batch_size)
-  image_shape = dataset.train.images.shape[1:]
+  image_shape = dataset.train.image_shape
   model = models.create_model(
       config.model, dataset.num_classes, axis_name=steps.AXIS,
       dtype=models.compute_dtype(config.half_precision))
@@ -366,7 +380,7 @@ def _train(config, workdir, config_dict, checkpoints, resuming: bool,
       state = _train_epochs(loop, train_fn, p_eval, state, dataset, position,
                             workdir, sharding)
     test = evaluate(p_eval, state, dataset.test, config.eval_batch_size,
-                    sharding)
+                    sharding, loader.Loading.from_config(config.data))
     writer.write_scalars(config.num_epochs, {'test_loss': test['loss'],
                                              'test_accuracy': test['accuracy']})
   finally:

@@ -94,21 +94,37 @@ def _assert_same_run(got, expected, rtol=1e-5, atol=0.0):
 def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
                                                           four_device_run,
                                                           tmp_path):
+  """Also streamed, decoded by worker processes, against in memory."""
   workdir = str(tmp_path / 'dev1')
-  run_launch(*_small_args(awkward_folder, workdir, epochs=2), devices=1)
+  run_launch(*_small_args(awkward_folder, workdir, epochs=2),
+             '--config.data.cache=stream', '--config.data.workers=2',
+             devices=1)
   _assert_same_run(_history_and_results(workdir), four_device_run,
                    **_OTHER_DEVICE_COUNT_TOLERANCE)
+
+
+def test_streamed_on_four_devices_is_exactly_in_memory(awkward_folder,
+                                                       four_device_run,
+                                                       tmp_path):
+  workdir = str(tmp_path / 'dev4_stream')
+  run_launch(*_small_args(awkward_folder, workdir, epochs=2),
+             '--config.data.cache=stream', devices=4)
+  assert _history_and_results(workdir)[1] == four_device_run[1]
+  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
+  assert strip(_history_and_results(workdir)[0]) == strip(four_device_run[0])
 
 
 def test_two_processes_resumed_match_one_process(awkward_folder,
                                                  four_device_run, tmp_path):
   """jax.distributed: 2 processes of 2 devices, stopped after epoch 1 and
-  continued from its checkpoint, train as 1 process of 4 devices."""
+  continued from its checkpoint, streamed, train as 1 process of 4 devices
+  with the images in memory."""
   workdir = str(tmp_path / 'two_processes')
   run_launch_distributed(*_small_args(awkward_folder, workdir, epochs=1),
                          processes=2, devices=2)
   errs = run_launch_distributed(
-      *_small_args(awkward_folder, workdir, epochs=2), processes=2, devices=2)
+      *_small_args(awkward_folder, workdir, epochs=2),
+      '--config.data.cache=stream', processes=2, devices=2)
   assert all('Resumed from the checkpoint of epoch 1' in e for e in errs)
   _assert_same_run(_history_and_results(workdir), four_device_run,
                    **_OTHER_DEVICE_COUNT_TOLERANCE)
