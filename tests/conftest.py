@@ -118,10 +118,10 @@ def run_launch(*args: str, devices: int = 1, timeout: int = 300,
   return proc
 
 
-def run_launch_distributed(*args: str, processes: int, devices: int,
-                           timeout: int = 300) -> list[str]:
-  """Runs launch.py --distributed as `processes` processes on this machine,
-  each with `devices` fake CPU devices; returns their stderr."""
+def start_launch_distributed(*args: str, processes: int,
+                             devices: int) -> list:
+  """Starts launch.py --distributed as `processes` processes on this
+  machine, each with `devices` fake CPU devices; returns (argv, Popen)s."""
   with socket.socket() as s:  # A free port for the coordinator.
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
@@ -133,14 +133,31 @@ def run_launch_distributed(*args: str, processes: int, devices: int,
         [sys.executable, os.path.join(ROOT, 'launch.py'), *argv], cwd=ROOT,
         env=_launch_env(devices), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True, start_new_session=True)))
+  return procs
+
+
+def run_launch_distributed(*args: str, processes: int, devices: int,
+                           timeout: int = 300, check: bool = True
+                           ) -> list[str]:
+  """Runs launch.py --distributed as `processes` processes on this machine,
+  each with `devices` fake CPU devices; returns their stderr."""
+  return finish_launch_distributed(
+      start_launch_distributed(*args, processes=processes, devices=devices),
+      timeout, check)
+
+
+def finish_launch_distributed(procs: list, timeout: int = 300,
+                              check: bool = True) -> list[str]:
+  """Waits for `start_launch_distributed`'s processes; their stderr."""
   try:
     errs = [p.communicate(timeout=timeout)[1] for _, p in procs]
   finally:
     for _, p in procs:
       if p.poll() is None:
         os.killpg(p.pid, signal.SIGKILL)
-  for (argv, p), err in zip(procs, errs):
-    _check_exit(argv, p.returncode, err)
+  if check:
+    for (argv, p), err in zip(procs, errs):
+      _check_exit(argv, p.returncode, err)
   return errs
 
 

@@ -1,5 +1,6 @@
-"""benchmarks/train_step.py end to end, on tiny batches: its table against
-PyTorch, and its jaxlab side with TensorFlow missing, as on the GPU image."""
+"""The benchmarks end to end, at tiny sizes: train_step.py's table against
+PyTorch, its jaxlab side with TensorFlow missing, as on the GPU image, and
+input_pipeline.py's streaming against PyTorch's DataLoader."""
 
 import os
 import subprocess
@@ -75,3 +76,20 @@ def test_datasheet_peak_takes_the_longest_matching_name(device_kind, peak):
   from benchmarks import train_step
   assert train_step.datasheet_tflops(device_kind, 'bfloat16') == peak
   assert train_step.datasheet_tflops(device_kind, 'float64') is None
+
+
+def test_input_benchmark_compares_streaming_with_pytorch_dataloader():
+  """benchmarks/input_pipeline.py on 24 small JPEGs, throughput only."""
+  proc = subprocess.run(
+      [sys.executable, 'benchmarks/input_pipeline.py', '--images', '24',
+       '--size', '32', '--batch', '8', '--repeats', '1', '--workers', '1',
+       '--skip-memory'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  header = lines.index('loader | img/s | img/s per core | / PyTorch')
+  rows = [line.split(' | ') for line in lines[header + 1:header + 4]]
+  assert [r[0].split(',')[0] for r in rows] == ['jaxlab', 'jaxlab',
+                                                 'PyTorch DataLoader']
+  assert all(float(r[1]) > 0 for r in rows)
+  assert rows[2][3] == '1.00'  # Ratios are against PyTorch.

@@ -29,7 +29,9 @@ from tests.conftest import ROOT
 from tests.conftest import SmallDisk
 from tests.conftest import make_image_folder
 from tests.conftest import run_launch
+from tests.conftest import finish_launch_distributed
 from tests.conftest import run_launch_distributed
+from tests.conftest import start_launch_distributed
 from tests.conftest import write_images
 
 LOSS_KEYS = ('train_loss', 'train_accuracy', 'val_loss', 'val_accuracy')
@@ -94,7 +96,8 @@ def _assert_same_run(got, expected, rtol=1e-5, atol=0.0):
 def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
                                                           four_device_run,
                                                           tmp_path):
-  """Also streamed, decoded by worker processes, against in memory."""
+  """Also streamed, decoded by worker processes (four_device_run has
+  the images in memory)."""
   workdir = str(tmp_path / 'dev1')
   run_launch(*_small_args(awkward_folder, workdir, epochs=2),
              '--config.data.cache=stream', '--config.data.workers=2',
@@ -103,29 +106,29 @@ def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
                    **_OTHER_DEVICE_COUNT_TOLERANCE)
 
 
-def test_streamed_on_four_devices_is_exactly_in_memory(awkward_folder,
-                                                       four_device_run,
-                                                       tmp_path):
-  workdir = str(tmp_path / 'dev4_stream')
-  run_launch(*_small_args(awkward_folder, workdir, epochs=2),
-             '--config.data.cache=stream', devices=4)
-  assert _history_and_results(workdir)[1] == four_device_run[1]
-  strip = lambda h: [{k: e[k] for k in ('epoch',) + LOSS_KEYS} for e in h]
-  assert strip(_history_and_results(workdir)[0]) == strip(four_device_run[0])
-
-
-def test_two_processes_resumed_match_one_process(awkward_folder,
-                                                 four_device_run, tmp_path):
-  """jax.distributed: 2 processes of 2 devices, stopped after epoch 1 and
-  continued from its checkpoint, streamed, train as 1 process of 4 devices
-  with the images in memory."""
+def test_two_processes_stopped_by_sigterm_resume_as_one_process(
+    awkward_folder, four_device_run, tmp_path):
+  """jax.distributed: 2 processes of 2 devices; a SIGTERM to one of them
+  stops both at the same step with a checkpoint (JAX's preemption sync);
+  continued from it, streamed, they train as 1 process of 4 devices with
+  the images in memory."""
   workdir = str(tmp_path / 'two_processes')
-  run_launch_distributed(*_small_args(awkward_folder, workdir, epochs=1),
-                         processes=2, devices=2)
-  errs = run_launch_distributed(
-      *_small_args(awkward_folder, workdir, epochs=2),
-      '--config.data.cache=stream', processes=2, devices=2)
-  assert all('Resumed from the checkpoint of epoch 1' in e for e in errs)
+  args = _small_args(awkward_folder, workdir, epochs=2) + [
+      '--config.checkpoint.every_steps=1']  # The signal comes early.
+  procs = start_launch_distributed(*args, processes=2, devices=2)
+  _wait_for_a_checkpoint(procs[0][1], workdir)
+  procs[1][1].send_signal(signal.SIGTERM)
+  errs = finish_launch_distributed(procs, check=False)
+  for (_, proc), err in zip(procs, errs):
+    assert proc.returncode == preemption.EXIT_STATUS, err
+  stops = [re.findall(r'stopped: stopped by SIGTERM at .* \(after step '
+                      r'(\d+)\)', err) for err in errs]
+  assert stops[0] and stops[0] == stops[1], errs  # The same step.
+  assert records.read_results(workdir) is None
+
+  errs = run_launch_distributed(*args, '--config.data.cache=stream',
+                                processes=2, devices=2)
+  assert all(f'(after step {stops[0][0]})' in e for e in errs)
   _assert_same_run(_history_and_results(workdir), four_device_run,
                    **_OTHER_DEVICE_COUNT_TOLERANCE)
 
@@ -389,6 +392,11 @@ def test_train_and_evaluate_writes_history_results_and_events(tiny_folder,
       'image_size'] == 16
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(workdir))
   assert _positions(workdir) == [(1, 0), (2, 0)]
+  # The same run streamed from disk ends with exactly the same numbers.
+  streamed = str(tmp_path / 'streamed')
+  assert train.train_and_evaluate(
+      _tiny_config(tiny_folder, **{'data.cache': 'stream'}), streamed) == results
+  _assert_same_numbers(streamed, workdir)
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tiny_folder,
