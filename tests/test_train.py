@@ -96,12 +96,10 @@ def _assert_same_run(got, expected, rtol=1e-5, atol=0.0):
 def test_four_devices_match_one_device_batchnorm_included(awkward_folder,
                                                           four_device_run,
                                                           tmp_path):
-  """Also streamed, decoded by worker processes (four_device_run has
-  the images in memory)."""
+  """Also streamed (four_device_run has the images in memory)."""
   workdir = str(tmp_path / 'dev1')
   run_launch(*_small_args(awkward_folder, workdir, epochs=2),
-             '--config.data.cache=stream', '--config.data.workers=2',
-             devices=1)
+             '--config.data.cache=stream', devices=1)
   _assert_same_run(_history_and_results(workdir), four_device_run,
                    **_OTHER_DEVICE_COUNT_TOLERANCE)
 
