@@ -456,15 +456,7 @@ def num_classes(data_config) -> int:
                                 'train folder'))
     return len(subdirs)
   if data_config.tfds_name:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    try:
-      builder = tfds.builder(data_config.tfds_name,
-                             data_dir=data_config.data_dir or None,
-                             try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-      raise UserError(f'config data.tfds_name={data_config.tfds_name!r} is '
-                      'not a tensorflow-datasets dataset') from None
-    features = builder.info.features
+    features = _tfds_builder(data_config).info.features
     label = features[data_config.label_key] if (
         data_config.label_key in features) else None
     if not hasattr(label, 'num_classes'):
