@@ -29,6 +29,7 @@ delivers them; nothing here imports TensorFlow. The table:
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -275,7 +276,12 @@ def _batch_size(name, args) -> int:
 
 def matmul_peak_gflops(dtype: str = 'float32', with_torch: bool = True,
                        n: int = 2048, repeats: int = 5) -> float:
-  """The best matmul rate of JAX (and PyTorch) here, in GFLOP/s."""
+  """The best matmul rate of JAX (and PyTorch) here, in GFLOP/s.
+
+  PyTorch's CPU matmuls run through oneDNN (AMX or AVX512-BF16 kernels in
+  bfloat16 where the CPU has them), XLA's bfloat16 dot does not: in
+  bfloat16 the machine's peak is PyTorch's.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   if jax.default_backend() != 'cpu':
@@ -284,9 +290,9 @@ def matmul_peak_gflops(dtype: str = 'float32', with_torch: bool = True,
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   candidates = [lambda: matmul(a).block_until_ready()]
-  if with_torch:
+  if with_torch and importlib.util.find_spec('torch'):
     import torch  # pylint: disable=g-import-not-at-top
-    t = torch.ones(n, n)
+    t = torch.ones(n, n, dtype=getattr(torch, dtype))
     candidates.append(lambda: t @ t)
   rates = []
   for _ in range(repeats):
@@ -295,6 +301,12 @@ def matmul_peak_gflops(dtype: str = 'float32', with_torch: bool = True,
       run()
       rates.append(2 * n ** 3 / (time.perf_counter() - start))
   return max(rates) / 1e9
+
+
+def cpu_isa() -> str:
+  """The instruction set oneDNN finds here (jaxlab's oneDNN), or '-'."""
+  from jaxlab import onednn  # pylint: disable=g-import-not-at-top
+  return onednn.cpu_isa() if onednn.available() else '-'
 
 
 def benchmark_model(name, args):
@@ -381,9 +393,12 @@ def main():
     serve(args.worker, args.models, args.batch, args.half_precision)
     return
   dtype = 'bfloat16' if args.half_precision else 'float32'
-  peak = matmul_peak_gflops(dtype, with_torch=not args.jax_only and
-                            not args.half_precision)
-  print(f'{dtype} matmul peak (measured): {peak:.1f} GFLOP/s')
+  import jax  # pylint: disable=g-import-not-at-top
+  on_cpu = jax.default_backend() == 'cpu'
+  peak = matmul_peak_gflops(dtype, with_torch=on_cpu and (
+      not args.jax_only or args.half_precision))
+  isa = f'; oneDNN ISA: {cpu_isa()}' if on_cpu else ''
+  print(f'{dtype} matmul peak (measured): {peak:.1f} GFLOP/s{isa}')
   header = ('model', 'batch', 'jaxlab img/s', 'PyTorch img/s', 'ratio',
             'GFLOP/s', '% of peak', 'compile s', 'peak MiB')
   print(' | '.join(header))

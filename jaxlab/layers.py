@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import linear as flax_linear
 
+from jaxlab import onednn
 from jaxlab import ops
 from jaxlab import platforms
 
@@ -35,6 +36,18 @@ avg_pool = nn.avg_pool  # XLA's own is fast enough on every backend.
 
 def _is_float32(*dtypes) -> bool:
   return all(d is None or jnp.dtype(d) == jnp.float32 for d in dtypes)
+
+
+def _cpu_dtypes(inputs_dtype, dtype, param_dtype) -> bool:
+  """Whether the CPU program's layers take these dtypes: float32
+  throughout, or bfloat16 computation (float32 parameters, cast for the
+  call) on a CPU with bfloat16 instructions, which oneDNN runs."""
+  if _is_float32(inputs_dtype, dtype, param_dtype):
+    return True
+  return (dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 and
+          _is_float32(param_dtype) and
+          jnp.dtype(inputs_dtype) in (jnp.float32, jnp.bfloat16) and
+          onednn.bfloat16_supported())
 
 
 def _pairs(value, n: int) -> tuple:
@@ -70,6 +83,8 @@ class Conv(nn.Conv):
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias else None)
+    inputs, kernel, bias = flax_linear.promote_dtype(inputs, kernel, bias,
+                                                     dtype=self.dtype)
     return ops.conv2d(inputs, kernel, padding, bias)
 
   def _cpu_padding(self, inputs):
@@ -84,7 +99,7 @@ class Conv(nn.Conv):
              self.precision is None and self.conv_general_dilated is None and
              self.conv_general_dilated_cls is None and
              self.promote_dtype is flax_linear.promote_dtype and
-             _is_float32(inputs.dtype, self.dtype, self.param_dtype))
+             _cpu_dtypes(inputs.dtype, self.dtype, self.param_dtype))
     if not plain:
       return None
     return _explicit_padding(self.padding, inputs.shape[1:3], kernel_size,
@@ -93,7 +108,8 @@ class Conv(nn.Conv):
 
 class Dense(nn.Dense):
   """`nn.Dense`. In the CPU program, float32 layers run as `ops.dense`
-  (whose input gradient XLA:CPU computes faster)."""
+  (whose input gradient XLA:CPU computes faster), and bfloat16 ones too
+  (through oneDNN) where the CPU has bfloat16 instructions."""
 
   @nn.compact
   def __call__(self, inputs):
@@ -103,7 +119,11 @@ class Dense(nn.Dense):
                         (inputs.shape[-1], self.features), self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,),
                        self.param_dtype) if self.use_bias
-            else jnp.zeros((self.features,), inputs.dtype))
+            else None)
+    inputs, kernel, bias = flax_linear.promote_dtype(inputs, kernel, bias,
+                                                     dtype=self.dtype)
+    if bias is None:
+      bias = jnp.zeros((self.features,), inputs.dtype)
     y = ops.dense(inputs.reshape(-1, inputs.shape[-1]), kernel, bias)
     return y.reshape(*inputs.shape[:-1], self.features)
 
@@ -112,13 +132,14 @@ class Dense(nn.Dense):
             self.precision is None and self.dot_general is None and
             self.dot_general_cls is None and
             self.promote_dtype is flax_linear.promote_dtype and
-            _is_float32(inputs.dtype, self.dtype, self.param_dtype))
+            _cpu_dtypes(inputs.dtype, self.dtype, self.param_dtype))
 
 
 class BatchNorm(nn.BatchNorm):
-  """`nn.BatchNorm`. In the CPU program, float32 training over the last
-  axis (flax's defaults: fast variance, scale and bias) reduces in stages
-  (`ops.batch_statistics`); a `relu` on its result runs with it, as one
+  """`nn.BatchNorm`. In the CPU program, training over the last axis with
+  flax's defaults (fast variance, scale and bias), in float32 (or in
+  bfloat16 with float32 parameters, on CPUs with bfloat16 instructions),
+  reduces in stages (`ops.batch_statistics`); a `relu` on its result runs with it, as one
   oneDNN operation where that applies (`ops.batch_normalize`)."""
 
   @nn.compact
@@ -154,7 +175,9 @@ class BatchNorm(nn.BatchNorm):
             self.axis_index_groups is None and self.use_fast_variance and
             self.use_scale and self.use_bias and
             self.force_float32_reductions and
-            _is_float32(x.dtype, self.dtype, self.param_dtype))
+            (_is_float32(x.dtype, self.dtype, self.param_dtype) or
+             (x.dtype == self.dtype and
+              _cpu_dtypes(x.dtype, self.dtype, self.param_dtype))))
 
 
 def relu(x):

@@ -12,12 +12,14 @@ import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxlab import layers
+from jaxlab import onednn
 from jaxlab.errors import UserError
 
 ACTIVATIONS: dict[str, Callable] = {'relu': layers.relu, 'sigmoid': nn.sigmoid}
@@ -339,8 +341,27 @@ _NON_MODEL_KEYS = ('name', 'pretrained', 'download_pretrained')
 
 def compute_dtype(half_precision: bool):
   """The dtype models compute in: bfloat16 for the config's
-  `half_precision`, else float32."""
-  return jnp.bfloat16 if half_precision else jnp.float32
+  `half_precision`, else float32.
+
+  On a CPU without bfloat16 instructions (neither AVX512-BF16 nor
+  AMX-BF16), bfloat16 runs slower than float32: there it is float32, and
+  says so once.
+  """
+  if not half_precision:
+    return jnp.float32
+  if jax.default_backend() == 'cpu' and not onednn.bfloat16_supported():
+    _warn_no_bfloat16()
+    return jnp.float32
+  return jnp.bfloat16
+
+
+@functools.cache
+def _warn_no_bfloat16() -> None:
+  isa = onednn.cpu_isa() if onednn.available() else 'unknown (no oneDNN)'
+  logging.warning(
+      'half_precision: this CPU has no bfloat16 instructions (AVX512-BF16 or '
+      'AMX-BF16; instruction set %s), where bfloat16 runs slower than '
+      'float32: computing in float32', isa)
 
 
 def create_model(model_config, num_classes: int,

@@ -1,22 +1,24 @@
-"""oneDNN's convolutions and BatchNorm as XLA:CPU operations.
+"""oneDNN's convolutions, BatchNorm and matmuls as XLA:CPU operations.
 
 XLA:CPU runs convolutions through Eigen; oneDNN, the library behind
 PyTorch's CPU convolutions, runs this project's layers several times
 faster (benchmarks/README.md has the figures). BatchNorm fused with the
-ReLU after it
-(normalisation with given statistics, and the training gradient) makes two
-passes over the activations where XLA's fusions make five. This module
-binds oneDNN's C API with ctypes and registers ctypes callbacks as XLA FFI
-handlers: XLA hands them its own buffers, so nothing is copied, and nothing
-needs compiling.
+ReLU after it (normalisation with given statistics, and the training
+gradient) makes two passes over the activations where XLA's fusions make
+five. In bfloat16, on CPUs with bfloat16 instructions (AVX512-BF16, AMX),
+oneDNN's kernels are the fast ones and XLA's are not, dense layers
+included. This module binds oneDNN's C API with ctypes and registers
+ctypes callbacks as XLA FFI handlers: XLA hands them its own buffers, so
+nothing is copied, and nothing needs compiling.
 
 oneDNN comes from the `onednn-cpu-gomp` wheel (oneDNN 3.2, OpenMP threads;
 Linux x86-64 only). `enabled()` says whether `jaxlab.ops` uses it: where it
 did not load, or with JAXLAB_ONEDNN=0 in the environment (read when a step
-is traced), convolutions are XLA's. Arrays are float32, NHWC inputs and HWIO
+is traced), every operation is XLA's. Arrays are float32 or bfloat16
+(BatchNorm's statistics and parameters float32), NHWC inputs and HWIO
 kernels, stride 1, padding of zero or more. Not differentiable twice and no
-`vmap` rule beyond a loop: `ops.conv2d` and `ops.batch_norm` give
-first-order gradients.
+`vmap` rule beyond a loop: `ops.conv2d`, `ops.dense` and `ops.batch_norm`
+give first-order gradients.
 """
 
 import ctypes
@@ -30,6 +32,7 @@ import numpy as np
 
 # --- oneDNN's C API (oneDNN 3.2, dnnl_types.h and dnnl_common_types.h) ---
 
+_DNNL_BF16 = 2
 _DNNL_F32 = 3
 _DNNL_CPU = 1
 _DNNL_STREAM_IN_ORDER = 1
@@ -81,6 +84,7 @@ _FFI_API_VERSION = (0, 3)
 _FFI_EXTENSION_METADATA = 1
 _FFI_DATA_TYPE_U8 = 6
 _FFI_DATA_TYPE_F32 = 11
+_FFI_DATA_TYPE_BF16 = 16
 _FFI_ERROR_INTERNAL = 13
 
 
@@ -231,10 +235,11 @@ def _output_shape(x_shape, kernel_shape, padding):
           cout)
 
 
-def _memory_desc(dims, tag: int) -> ctypes.c_void_p:
+def _memory_desc(dims, tag: int, data_type: int = _DNNL_F32
+                 ) -> ctypes.c_void_p:
   desc = ctypes.c_void_p()
   _check(_library().dnnl_memory_desc_create_with_tag(
-      ctypes.byref(desc), len(dims), _Dims(*dims), _DNNL_F32, tag),
+      ctypes.byref(desc), len(dims), _Dims(*dims), data_type, tag),
          'dnnl_memory_desc_create_with_tag')
   return desc
 
@@ -330,6 +335,9 @@ class _Reorder:
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 'forward', 'input_grad', 'kernel_grad'
 CONVOLUTION_KINDS = (FORWARD, INPUT_GRAD, KERNEL_GRAD)
 BATCH_NORM_RELU, BATCH_NORM_RELU_GRAD = 'batch_norm_relu', 'batch_norm_relu_grad'
+DENSE, DENSE_INPUT_GRAD, DENSE_KERNEL_GRAD = (
+    'dense', 'dense_input_grad', 'dense_kernel_grad')
+DENSE_KINDS = (DENSE, DENSE_INPUT_GRAD, DENSE_KERNEL_GRAD)
 
 
 class _Operation:
@@ -353,19 +361,23 @@ class _Convolution(_Operation):
   XLA's HWIO on every call: kernels are small.
   """
 
-  def __init__(self, kind: str, x_shape, kernel_shape, padding):
+  def __init__(self, kind: str, x_shape, kernel_shape, padding,
+               dtype: str = 'float32'):
     b, height, width, cin = x_shape
     kh, kw, _, cout = kernel_shape
     (top, bottom), (left, right) = padding
     _, y_height, y_width, _ = _output_shape(x_shape, kernel_shape, padding)
-    self.x = _memory_desc((b, cin, height, width), _TAG_NHWC)
-    self.y = _memory_desc((b, cout, y_height, y_width), _TAG_NHWC)
-    self.kernel = _memory_desc((cout, cin, kh, kw), _TAG_HWIO)
-    any_kernel = _memory_desc((cout, cin, kh, kw), _TAG_ANY)
+    # Every operand and result in `dtype`; in bfloat16, oneDNN accumulates
+    # in float32 and rounds once at the end, the kernel gradient included.
+    data_type = _DNNL_DATA_TYPES[dtype]
+    self.x = _memory_desc((b, cin, height, width), _TAG_NHWC, data_type)
+    self.y = _memory_desc((b, cout, y_height, y_width), _TAG_NHWC, data_type)
+    self.kernel = _memory_desc((cout, cin, kh, kw), _TAG_HWIO, data_type)
+    any_kernel = _memory_desc((cout, cin, kh, kw), _TAG_ANY, data_type)
     # The forward pass adds the bias as it writes y; the kernel gradient
     # computes the bias's in the same pass over dy.
     self.bias = (None if kind == INPUT_GRAD else
-                 _memory_desc((cout,), _TAG_A))
+                 _memory_desc((cout,), _TAG_A, data_type))
     geometry = (_Dims(1, 1), _Dims(0, 0), _Dims(top, left),
                 _Dims(bottom, right))
     lib = _library()
@@ -444,12 +456,14 @@ class _BatchNormReLU(_Operation):
   workspace, dy) -> (dx, dscale, dbias), the gradients through the batch's
   statistics too (the mean and variance of x over all axes but the last).
   `var` includes BatchNorm's epsilon (oneDNN's is 0), so that one primitive
-  serves every epsilon.
+  serves every epsilon. x, y, dy and dx are float32 or bfloat16; the
+  per-channel vectors are float32 (oneDNN computes in float32 either way).
   """
 
-  def __init__(self, kind: str, x_shape):
+  def __init__(self, kind: str, x_shape, dtype: str = 'float32'):
     b, height, width, channels = x_shape
-    self.x = _memory_desc((b, channels, height, width), _TAG_NHWC)
+    self.x = _memory_desc((b, channels, height, width), _TAG_NHWC,
+                          _DNNL_DATA_TYPES[dtype])
     self.vector = _memory_desc((channels,), _TAG_A)
     flags = _USE_SCALE | _USE_SHIFT | _FUSE_NORM_RELU
     lib = _library()
@@ -497,6 +511,60 @@ class _BatchNormReLU(_Operation):
       _execute(self.primitive, self.scratchpad, args)
 
 
+def _matrix_desc(rows: int, cols: int, transposed: bool,
+                 data_type: int) -> ctypes.c_void_p:
+  """A [rows, cols] matrix stored row-major, or (`transposed`) the
+  transpose of a row-major [cols, rows] one: no copy either way."""
+  strides = (1, rows) if transposed else (cols, 1)
+  desc = ctypes.c_void_p()
+  _check(_library().dnnl_memory_desc_create_with_strides(
+      ctypes.byref(desc), 2, _Dims(rows, cols), data_type, _Dims(*strides)),
+         'dnnl_memory_desc_create_with_strides')
+  return desc
+
+
+class _Dense(_Operation):
+  """One oneDNN matmul for a dense layer [batch, in] @ [in, out]: its
+  forward pass (x, kernel, bias) -> y, input gradient (dy, kernel) -> dx =
+  dy @ kernel.T and kernel gradient (x, dy) -> dkernel = x.T @ dy. The
+  transposes are strides over XLA's row-major buffers.
+
+  In bfloat16 (operands and result), oneDNN accumulates in float32 and
+  rounds once, as its mixed-precision training does.
+  """
+
+  def __init__(self, kind: str, batch: int, inputs: int, outputs: int,
+               dtype: str = 'float32'):
+    data_type = _DNNL_DATA_TYPES[dtype]
+    m, k, n, transpose_a, transpose_b = {
+        DENSE: (batch, inputs, outputs, False, False),
+        DENSE_INPUT_GRAD: (batch, outputs, inputs, False, True),
+        DENSE_KERNEL_GRAD: (inputs, batch, outputs, True, False)}[kind]
+    self.a = _matrix_desc(m, k, transpose_a, data_type)
+    self.b = _matrix_desc(k, n, transpose_b, data_type)
+    self.c = _matrix_desc(m, n, False, data_type)
+    self.bias = (_matrix_desc(1, n, False, data_type) if kind == DENSE
+                 else None)
+    self.kind = kind
+    self.primitive_desc = ctypes.c_void_p()
+    _check(_library().dnnl_matmul_primitive_desc_create(
+        ctypes.byref(self.primitive_desc), _engine(), self.a, self.b,
+        self.bias, self.c, _user_scratchpad_attr()),
+           'dnnl_matmul_primitive_desc_create')
+    self.primitive = _primitive(self.primitive_desc)
+    self.scratchpad = _Scratchpad(self.primitive_desc)
+
+  def __call__(self, *data: int) -> None:
+    """(a, b[, bias], c) as data pointers, in the order above."""
+    a, b, *bias, c = data
+    args = {_ARG_SRC: (self.a, a), _ARG_WEIGHTS: (self.b, b),
+            _ARG_DST: (self.c, c)}
+    if bias:
+      args[_ARG_BIAS] = (self.bias, bias[0])
+    with _one_at_a_time:
+      _execute(self.primitive, self.scratchpad, args)
+
+
 _operations: dict = {}
 # One operation runs at a time: each already uses every core (OpenMP), and
 # XLA runs independent operations at once (an input and a kernel gradient).
@@ -512,44 +580,65 @@ def _operation(cls, *key):
     return _operations[cls, key]
 
 
-def _convolution(kind, x_shape, kernel_shape, padding) -> _Convolution:
-  return _operation(_Convolution, kind, x_shape, kernel_shape, padding)
+def _convolution(kind, x_shape, kernel_shape, padding,
+                 dtype: str = 'float32') -> _Convolution:
+  return _operation(_Convolution, kind, x_shape, kernel_shape, padding, dtype)
 
 
-def _batch_norm_relu(kind, x_shape) -> _BatchNormReLU:
-  return _operation(_BatchNormReLU, kind, x_shape)
+def _dense(kind, batch, inputs, outputs, dtype='float32') -> _Dense:
+  return _operation(_Dense, kind, batch, inputs, outputs, dtype)
+
+
+def _batch_norm_relu(kind, x_shape, dtype='float32') -> _BatchNormReLU:
+  return _operation(_BatchNormReLU, kind, x_shape, dtype)
 
 
 def _buffer(pointer: int, dtype: int = _FFI_DATA_TYPE_F32):
   buffer = ctypes.cast(pointer, ctypes.POINTER(_FfiBuffer)).contents
   if buffer.dtype != dtype:
-    raise ValueError(f'oneDNN operations take float32 arrays (and uint8 '
-                     f'workspaces), got XLA FFI data type {buffer.dtype}')
+    raise ValueError(f'oneDNN operation: expected XLA FFI data type {dtype}, '
+                     f'got {buffer.dtype} (float32 or bfloat16 throughout; '
+                     'uint8 workspaces)')
   return buffer.data, tuple(buffer.dims[i] for i in range(buffer.rank))
 
 
-def _buffers(items, count: int, workspace: int | None = None):
-  """The (data, shape) of `count` FFI buffers; item `workspace` is uint8."""
-  return [_buffer(items[i], _FFI_DATA_TYPE_U8 if i == workspace
-                  else _FFI_DATA_TYPE_F32) for i in range(count)]
+def _buffers(items, dtypes):
+  """The (data, shape) of FFI buffers `items`, item i of XLA FFI data type
+  dtypes[i]."""
+  return [_buffer(items[i], dtype) for i, dtype in enumerate(dtypes)]
+
+
+def _dtype_of(pointer: int) -> int:
+  """The XLA FFI data type of a buffer that is float32 or bfloat16."""
+  dtype = ctypes.cast(pointer, ctypes.POINTER(_FfiBuffer)).contents.dtype
+  if dtype not in _FFI_DTYPE_NAMES:
+    raise ValueError(f'oneDNN operation: got XLA FFI data type {dtype}, '
+                     'expected float32 or bfloat16 throughout')
+  return dtype
 
 
 def _run_batch_norm_relu(kind: str, frame: _FfiCallFrame) -> None:
-  """Operands and results as `_BatchNormReLU` lists them."""
-  forward = kind == BATCH_NORM_RELU
-  args = _buffers(frame.args.items, frame.args.size,
-                  None if forward else 4)
-  rets = _buffers(frame.rets.items, frame.rets.size, 1 if forward else None)
-  x_shape = args[0][1]
-  _batch_norm_relu(kind, x_shape)(*(data for data, _ in args + rets))
+  """Operands and results as `_BatchNormReLU` lists them: x, y, dy and dx
+  in x's dtype, the workspace uint8, the rest float32."""
+  x = _dtype_of(frame.args.items[0])
+  f32, u8 = _FFI_DATA_TYPE_F32, _FFI_DATA_TYPE_U8
+  if kind == BATCH_NORM_RELU:
+    arg_types, ret_types = (x, f32, f32, f32, f32), (x, u8)
+  else:
+    arg_types, ret_types = (x, f32, f32, f32, u8, x), (x, f32, f32)
+  args = _buffers(frame.args.items, arg_types)
+  rets = _buffers(frame.rets.items, ret_types)
+  _batch_norm_relu(kind, args[0][1], _FFI_DTYPE_NAMES[x])(
+      *(data for data, _ in args + rets))
 
 
 def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
   """One call: operands and results as `_Convolution` lists them, and the
   attribute `padding` (int64 [top, bottom, left, right])."""
-  operands = _buffers(frame.args.items, frame.args.size)
+  dtype = _dtype_of(frame.args.items[0])
+  operands = _buffers(frame.args.items, [dtype] * frame.args.size)
   (first, first_shape), (second, second_shape) = operands[:2]
-  results = _buffers(frame.rets.items, frame.rets.size)
+  results = _buffers(frame.rets.items, [dtype] * frame.rets.size)
   result_shape = results[0][1]
   padding = ctypes.cast(frame.attrs.items[0],
                         ctypes.POINTER(_FfiArray)).contents
@@ -560,8 +649,23 @@ def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
       INPUT_GRAD: (result_shape, second_shape),
       KERNEL_GRAD: (first_shape, result_shape)}[kind]
   convolution = _convolution(kind, x_shape, kernel_shape,
-                             ((top, bottom), (left, right)))
+                             ((top, bottom), (left, right)),
+                             _FFI_DTYPE_NAMES[dtype])
   convolution(*(data for data, _ in operands + results))
+
+
+def _run_dense(kind: str, frame: _FfiCallFrame) -> None:
+  """One call: operands and results as `_Dense` lists them."""
+  dtype = _dtype_of(frame.args.items[0])
+  operands = _buffers(frame.args.items, [dtype] * frame.args.size)
+  results = _buffers(frame.rets.items, [dtype] * frame.rets.size)
+  (_, first), (_, second), (_, result) = operands[0], operands[1], results[0]
+  batch, inputs, outputs = {
+      DENSE: (first[0], first[1], second[1]),
+      DENSE_INPUT_GRAD: (first[0], second[0], second[1]),
+      DENSE_KERNEL_GRAD: (first[0], first[1], second[1])}[kind]
+  _dense(kind, batch, inputs, outputs, _FFI_DTYPE_NAMES[dtype])(
+      *(data for data, _ in operands + results))
 
 
 def _error(frame: _FfiCallFrame, message: str) -> int:
@@ -597,7 +701,11 @@ def _handler(kind: str):
   return _FfiHandler(handle)
 
 
+_DNNL_DATA_TYPES = {'float32': _DNNL_F32, 'bfloat16': _DNNL_BF16}
+_FFI_DTYPE_NAMES = {_FFI_DATA_TYPE_F32: 'float32',
+                    _FFI_DATA_TYPE_BF16: 'bfloat16'}
 _RUNNERS = {**dict.fromkeys(CONVOLUTION_KINDS, _run_convolution),
+            **dict.fromkeys(DENSE_KINDS, _run_dense),
             BATCH_NORM_RELU: _run_batch_norm_relu,
             BATCH_NORM_RELU_GRAD: _run_batch_norm_relu}
 _handlers = {}
@@ -624,6 +732,31 @@ def available() -> bool:
                                     jax.ffi.pycapsule(_handlers[kind]),
                                     platform='cpu')
   return True
+
+
+# dnnl_cpu_isa_t (oneDNN 3.2): each ISA's bits include those of the ISAs
+# it extends.
+_ISAS = {0x1fef: 'avx512_core_amx_fp16', 0xfef: 'avx512_core_amx',
+         0x1ef: 'avx512_core_fp16', 0xe7: 'avx512_core_bf16',
+         0x67: 'avx512_core_vnni', 0x27: 'avx512_core', 0x1f: 'avx2_vnni_2',
+         0xf: 'avx2_vnni', 0x7: 'avx2', 0x3: 'avx', 0x1: 'sse41'}
+_ISA_AVX512_CORE_BF16 = 0xe7
+
+
+def cpu_isa() -> str:
+  """The instruction set oneDNN runs on here, e.g. 'avx512_core_amx'."""
+  isa = _library().dnnl_get_effective_cpu_isa()
+  return next((name for bits, name in _ISAS.items() if isa & bits == bits),
+              'default')
+
+
+def bfloat16_supported() -> bool:
+  """Whether this CPU computes in bfloat16 (AVX512-BF16 or AMX-BF16), so
+  that oneDNN runs bfloat16 primitives natively."""
+  if _library() is None:
+    return False
+  isa = _library().dnnl_get_effective_cpu_isa()
+  return isa & _ISA_AVX512_CORE_BF16 == _ISA_AVX512_CORE_BF16
 
 
 def enabled() -> bool:
@@ -671,10 +804,10 @@ def conv_kernel_grad(x, g, kernel_shape, padding):
 
 
 def batch_norm_relu(x, mean, var, scale, bias):
-  """max(0, (x - mean) / sqrt(var) * scale + bias) over NHWC float32 `x`'s
-  channels, with statistics given (`var` includes epsilon); returns y and
+  """max(0, (x - mean) / sqrt(var) * scale + bias) over the channels of
+  NHWC `x` (float32 or bfloat16), with float32 statistics given (`var` includes epsilon); returns y and
   the workspace that `batch_norm_relu_grad` takes."""
-  operation = _batch_norm_relu(BATCH_NORM_RELU, x.shape)
+  operation = _batch_norm_relu(BATCH_NORM_RELU, x.shape, x.dtype.name)
   return _call(BATCH_NORM_RELU,
                [jax.ShapeDtypeStruct(x.shape, x.dtype),
                 jax.ShapeDtypeStruct((operation.workspace_size,), np.uint8)],
@@ -684,12 +817,31 @@ def batch_norm_relu(x, mean, var, scale, bias):
 def batch_norm_relu_grad(x, mean, var, scale, workspace, dy):
   """The gradients (dx, dscale, dbias) of `batch_norm_relu` in training,
   where mean and var are x's own batch statistics (dx goes through them)."""
-  size = _batch_norm_relu(BATCH_NORM_RELU_GRAD, x.shape).workspace_size
+  size = _batch_norm_relu(BATCH_NORM_RELU_GRAD, x.shape,
+                          x.dtype.name).workspace_size
   if workspace.shape != (size,):
     raise ValueError(f'oneDNN BatchNorm gradient: workspace of shape '
                      f'{workspace.shape}, expected ({size},) for x of shape '
                      f'{x.shape}, as batch_norm_relu returns it')
-  vector = jax.ShapeDtypeStruct(scale.shape, x.dtype)
+  vector = jax.ShapeDtypeStruct(scale.shape, np.float32)
   return _call(BATCH_NORM_RELU_GRAD,
                [jax.ShapeDtypeStruct(x.shape, x.dtype), vector, vector],
                x, mean, var, scale, workspace, dy)
+
+
+def dense(x, kernel, bias):
+  """x @ kernel + bias for x [batch, in], kernel [in, out], bias [out]."""
+  return _call(DENSE, [jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]),
+                                            x.dtype)], x, kernel, bias)
+
+
+def dense_input_grad(g, kernel):
+  """g @ kernel.T: the gradient of `dense` with respect to x."""
+  return _call(DENSE_INPUT_GRAD, [jax.ShapeDtypeStruct(
+      (g.shape[0], kernel.shape[0]), g.dtype)], g, kernel)
+
+
+def dense_kernel_grad(x, g):
+  """x.T @ g: the gradient of `dense` with respect to the kernel."""
+  return _call(DENSE_KERNEL_GRAD, [jax.ShapeDtypeStruct(
+      (x.shape[1], g.shape[1]), g.dtype)], x, g)

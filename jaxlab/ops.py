@@ -13,8 +13,8 @@ elementwise from it (fusable), with the same semantics: each window's
 gradient goes to its first maximum in row-major order, as select_and_scatter
 (and PyTorch) route it.
 
-`conv2d`: a stride-1 convolution and its bias. In float32, through oneDNN
-(see `jaxlab.onednn`), whose kernel gradient computes the bias's in the same
+`conv2d`: a stride-1 convolution and its bias. In float32 (and in bfloat16
+on CPUs with bfloat16 instructions), through oneDNN (see `jaxlab.onednn`), whose kernel gradient computes the bias's in the same
 pass; otherwise through XLA, with a kernel gradient that transposes its
 input the fast way (see `_conv_kernel_grad`), a forward pass on inputs of up
 to 4 channels written as a fused sum of shifted products (see
@@ -23,7 +23,7 @@ to 4 channels written as a fused sum of shifted products (see
 
 `dense`: a fully connected layer whose input gradient computes the product
 with its operands swapped, the order XLA:CPU runs fast (see
-`_dense_input_grad`).
+`_dense_input_grad`); in bfloat16, through oneDNN's matmul.
 
 `batch_statistics` and `batch_normalize`: BatchNorm in training, whose
 statistics and gradients reduce over the batch in stages, each pair of sums
@@ -273,8 +273,9 @@ def _conv_as_shifted_products(x, kernel):
 
 def _uses_onednn(x, padding) -> bool:
   # Negative padding (cropping) is XLA's only.
-  return (x.dtype == jnp.float32 and min(min(padding)) >= 0 and
-          onednn.enabled())
+  return ((x.dtype == jnp.float32 or
+           (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported())) and
+          min(min(padding)) >= 0 and onednn.enabled())
 
 
 def _forward_conv(x, kernel, padding):
@@ -366,10 +367,20 @@ def _conv2d_bwd(padding, saved, g):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _uses_onednn_dense(x) -> bool:
+  # XLA:CPU's bfloat16 dot runs at a fraction of oneDNN's (AVX512-BF16 or
+  # AMX); in float32 XLA's is as fast.
+  return (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported() and
+          onednn.enabled())
+
+
 @jax.custom_vjp
 def dense(x, kernel, bias):
   """`x @ kernel + bias` for `x` of shape [batch, in], `kernel` [in, out]
-  and `bias` [out]: `nn.Dense`'s result and gradients, to float rounding."""
+  and `bias` [out]: `nn.Dense`'s result and gradients, to float rounding.
+  In bfloat16 on a CPU with bfloat16 instructions, through oneDNN."""
+  if _uses_onednn_dense(x):
+    return onednn.dense(x, kernel, bias)
   return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ()))) + bias
 
 
@@ -391,6 +402,10 @@ def _dense_input_grad(g, kernel):
 
 def _dense_bwd(saved, g):
   x, kernel = saved
+  if _uses_onednn_dense(x):
+    return (onednn.dense_input_grad(g, kernel),
+            onednn.dense_kernel_grad(x, g),
+            _channel_sums(g)[0].astype(g.dtype))
   return (_dense_input_grad(g, kernel),
           jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))),
           jnp.sum(g, axis=0))
@@ -457,7 +472,7 @@ def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None,
 
 def _uses_onednn_batch_norm(x, axis_name) -> bool:
   """Whether `batch_normalize` with a ReLU runs through oneDNN: float32
-  NHWC, with statistics of this device's batch alone.
+  NHWC (or bfloat16, on CPUs with bfloat16 instructions), with statistics of this device's batch alone.
 
   oneDNN normalises and ReLUs in one pass, and computes the gradient in two
   (x's, through the statistics, with scale's and bias's), where XLA's
@@ -465,7 +480,9 @@ def _uses_onednn_batch_norm(x, axis_name) -> bool:
   with the statistics averaged over several devices the gradient stays
   XLA's (`_batch_normalized`).
   """
-  return (x.ndim == 4 and x.dtype == jnp.float32 and onednn.enabled() and
+  return (x.ndim == 4 and onednn.enabled() and
+          (x.dtype == jnp.float32 or
+           (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported())) and
           (axis_name is None or jax.lax.axis_size(axis_name) == 1))
 
 

@@ -40,12 +40,15 @@ def _run(module, variables, x, cpu: bool, train_kwargs=None):
 
 
 def _assert_same(module, x, *, fast: bool, tolerance=1e-5, train_kwargs=None,
-                 flax_module=None, fast_dense=False):
+                 flax_module=None, fast_dense=False, of_scale=False):
   """`module` has `flax_module`'s variables at initialisation; with non-zero
   parameters, the CPU program's outputs and gradients equal the plain
   program's (and flax's own). `fast`: whether the CPU program takes
   jaxlab's implementation and leaves XLA (oneDNN); `fast_dense`: whether it
-  takes jaxlab's dense layer (which stays in XLA)."""
+  takes jaxlab's dense layer (which stays in XLA); `of_scale`: the absolute
+  tolerance is `tolerance` times each array's largest magnitude (bfloat16:
+  sums of rounded products err by a fraction of their terms, not of the
+  result)."""
   variables = module.init(jax.random.PRNGKey(1), x)
   if flax_module is not None:
     jax.tree.map(np.testing.assert_array_equal, variables,
@@ -70,7 +73,9 @@ def _assert_same(module, x, *, fast: bool, tolerance=1e-5, train_kwargs=None,
     theirs, _ = _run(flax_module, variables, x, True, train_kwargs)
     jax.tree.map(np.testing.assert_array_equal, plain, theirs)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=tolerance, atol=tolerance), mine, plain)
+      np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tolerance,
+      atol=tolerance * (float(jnp.max(jnp.abs(b))) if of_scale else 1)),
+               mine, plain)
   assert jax.tree.map(jnp.dtype, mine) == jax.tree.map(jnp.dtype, plain)
 
 
@@ -91,12 +96,27 @@ def _x(shape, dtype=jnp.float32):
     (dict(features=6, kernel_size=(3, 3), feature_group_count=2), False),
     (dict(features=5, kernel_size=(3, 3), kernel_dilation=2), False),
     (dict(features=5, kernel_size=(3, 3), padding='CIRCULAR'), False),
-    (dict(features=5, kernel_size=(3, 3), dtype=jnp.bfloat16), False),
+    # bfloat16 computation: oneDNN's where the CPU has bfloat16
+    # instructions (float32 parameters and inputs cast for the call).
+    (dict(features=5, kernel_size=(3, 3), dtype=jnp.bfloat16),
+     onednn.bfloat16_supported()),
+    (dict(features=5, kernel_size=(3, 3), dtype=jnp.bfloat16,
+          param_dtype=jnp.bfloat16), False),
 ])
 def test_conv_is_flax_conv(kwargs, fast):
-  tolerance = 2e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-4
+  bfloat16 = kwargs.get('dtype') == jnp.bfloat16
   _assert_same(layers.Conv(**kwargs), _x((2, 9, 8, 4)), fast=fast,
-               tolerance=tolerance, flax_module=nn.Conv(**kwargs))
+               tolerance=2e-2 if bfloat16 else 1e-4,
+               flax_module=nn.Conv(**kwargs), of_scale=bfloat16)
+
+
+@pytest.mark.parametrize('channels', [3, 16])
+def test_bfloat16_conv_of_bfloat16_activations_is_flax_conv(channels):
+  """A bfloat16 model's inner layers: bfloat16 in, bfloat16 out."""
+  kwargs = dict(features=8, kernel_size=(3, 3), dtype=jnp.bfloat16)
+  _assert_same(layers.Conv(**kwargs), _x((2, 9, 8, channels), jnp.bfloat16),
+               fast=onednn.bfloat16_supported(), tolerance=2e-2,
+               flax_module=nn.Conv(**kwargs), of_scale=True)
 
 
 def test_conv_of_a_single_example_or_1d_is_flax_conv():
@@ -109,12 +129,18 @@ def test_conv_of_a_single_example_or_1d_is_flax_conv():
 @pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7), (7,)])
 @pytest.mark.parametrize('kwargs', [dict(features=5),
                                     dict(features=5, use_bias=False),
-                                    dict(features=5, dtype=jnp.bfloat16)])
+                                    dict(features=5, dtype=jnp.bfloat16),
+                                    dict(features=5, dtype=jnp.bfloat16,
+                                         use_bias=False)])
 def test_dense_is_flax_dense(shape, kwargs):
+  """float32 layers stay in XLA (`ops.dense`); bfloat16 ones run through
+  oneDNN's matmul where the CPU has bfloat16 instructions, else flax's."""
   bfloat16 = kwargs.get('dtype') == jnp.bfloat16
-  _assert_same(layers.Dense(**kwargs), _x(shape), fast=False,
+  onednn_bf16 = bfloat16 and onednn.bfloat16_supported()
+  _assert_same(layers.Dense(**kwargs), _x(shape), fast=onednn_bf16,
                tolerance=2e-2 if bfloat16 else 1e-5,
-               flax_module=nn.Dense(**kwargs), fast_dense=not bfloat16)
+               flax_module=nn.Dense(**kwargs), fast_dense=not bfloat16,
+               of_scale=bfloat16)
 
 
 class _NormRelu(nn.Module):
@@ -153,6 +179,19 @@ def test_batch_norm_options_the_fast_path_skips_are_flaxs(kwargs):
   tolerance = 5e-2 if kwargs.get('dtype') == jnp.bfloat16 else 1e-5
   _assert_same(_NormRelu(True, kwargs=kwargs), _x((3, 7, 5, 6)), fast=False,
                tolerance=tolerance, train_kwargs={'mutable': ['batch_stats']})
+
+
+@pytest.mark.parametrize('fuse', [True, False])
+def test_bfloat16_batch_norm_is_flaxs(fuse):
+  """bfloat16 activations, float32 parameters and statistics: with the
+  ReLU, oneDNN's where the CPU has bfloat16 instructions."""
+  x = _x((3, 7, 5, 6), jnp.bfloat16) * 3 + 2
+  kwargs = dict(dtype=jnp.bfloat16)
+  _assert_same(_NormRelu(True, fuse, kwargs=kwargs), x,
+               fast=onednn.bfloat16_supported(), tolerance=2e-2,
+               train_kwargs={'mutable': ['batch_stats']}, of_scale=True,
+               flax_module=(_NormRelu(True, kwargs=kwargs, flax_layers=True)
+                            if fuse else None))
 
 
 def test_fused_batch_norm_relu_runs_oneDNN_once_each_way():

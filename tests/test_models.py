@@ -8,6 +8,8 @@ import pytest
 
 from configs import cnn2 as cnn2_config
 from jaxlab import models
+from jaxlab import onednn
+from jaxlab import platforms
 from jaxlab import summary
 from jaxlab.errors import UserError
 
@@ -104,8 +106,13 @@ def test_summary_counts_frozen_as_non_trainable():
 
 # One model per kind of layer: Dense; Conv, BatchNorm and the overlapping
 # pool; VGG's max-pool, adaptive pool and dropout.
+@pytest.mark.parametrize('cpu_program', [False, True])
 @pytest.mark.parametrize('name', ['fc', 'cnn_bn', 'vgg16'])
-def test_half_precision_computes_in_bfloat16_and_keeps_float32_state(name):
+def test_half_precision_computes_in_bfloat16_and_keeps_float32_state(
+    name, cpu_program):
+  """In flax's program and in the CPU one (oneDNN's bfloat16 layers where
+  the CPU has bfloat16 instructions): bfloat16 logits close to float32's;
+  parameters' gradients and BatchNorm statistics float32."""
   fields = dict(name=name)
   if name == 'vgg16':
     fields.update(widths=(4, 4, 8, 8, 8), classifier_width=16)
@@ -118,6 +125,7 @@ def test_half_precision_computes_in_bfloat16_and_keeps_float32_state(name):
       'xla_backend_optimization_level': 0})(jax.random.PRNGKey(0), x)
 
   @jax.jit
+  @platforms.tracing_cpu_program(cpu_program)
   def run(variables):
     def loss(params):
       logits, updates = half.apply(
@@ -136,3 +144,20 @@ def test_half_precision_computes_in_bfloat16_and_keeps_float32_state(name):
   scale = float(jnp.abs(full_logits).max())
   np.testing.assert_allclose(half_logits.astype(jnp.float32), full_logits,
                              atol=0.05 * scale + 1e-3)
+
+
+def test_half_precision_without_bfloat16_instructions_is_float32(
+    monkeypatch, caplog):
+  """Where bfloat16 would run slower than float32 (no AVX512-BF16 or AMX),
+  half_precision computes in float32 and says so, once."""
+  monkeypatch.setattr(onednn, 'bfloat16_supported', lambda: False)
+  models._warn_no_bfloat16.cache_clear()
+  with caplog.at_level('WARNING'):
+    dtypes = [models.compute_dtype(True) for _ in range(2)]
+  assert dtypes == [jnp.float32] * 2
+  warnings = [r.getMessage() for r in caplog.records
+              if 'no bfloat16 instructions' in r.getMessage()]
+  assert len(warnings) == 1 and 'computing in float32' in warnings[0]
+  monkeypatch.setattr(onednn, 'bfloat16_supported', lambda: True)
+  assert models.compute_dtype(True) == jnp.bfloat16
+  assert models.compute_dtype(False) == jnp.float32

@@ -81,9 +81,17 @@ def test_switch_and_fallbacks(monkeypatch):
   # A new function each time: the switch is read when a function is traced.
   conv = lambda: lambda v, k: ops.conv2d(v, k, ((1, 1), (1, 1)))
   assert onednn.enabled() and _TARGET in _hlo(conv(), x, kernel)
-  # bfloat16 computation (half_precision) stays with XLA.
-  assert _TARGET not in _hlo(conv(), x.astype(jnp.bfloat16),
-                             kernel.astype(jnp.bfloat16))
+  # bfloat16 computation (half_precision): oneDNN's where the CPU has
+  # bfloat16 instructions, else XLA's.
+  x16, kernel16 = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+  assert (_TARGET in _hlo(conv(), x16, kernel16)) == (
+      onednn.bfloat16_supported())
+  with monkeypatch.context() as patch:
+    patch.setattr(onednn, 'bfloat16_supported', lambda: False)
+    assert _TARGET not in _hlo(conv(), x16, kernel16)
+    assert 'jaxlab_onednn_dense' not in _hlo(
+        lambda a, b: ops.dense(a, b, jnp.zeros(2, a.dtype)), x16[0, 0],
+        kernel16[0, 0])
   # Negative padding (cropping) too.
   cropping = lambda v, k: ops.conv2d(v, k, ((-1, 0), (0, 1)))
   assert _TARGET not in _hlo(cropping, x, kernel)
@@ -107,23 +115,38 @@ def test_vmap_runs_the_convolution_per_example():
 def test_bad_operand_is_a_clear_error_not_a_crash():
   x = jnp.ones((1, 6, 6, 4), jnp.float16)
   kernel = jnp.ones((3, 3, 4, 2), jnp.float16)
-  with pytest.raises(Exception, match='oneDNN operations take float32'):
+  with pytest.raises(Exception, match='float32 or bfloat16 throughout'):
     jax.block_until_ready(onednn.conv(x, kernel, jnp.ones(2, jnp.float16),
                                       ((1, 1), (1, 1))))
 
 
+_BFLOAT16 = pytest.param('bfloat16', marks=pytest.mark.skipif(
+    not onednn.bfloat16_supported(), reason='no bfloat16 instructions here'))
+
+
+@pytest.mark.parametrize('dtype', ['float32', _BFLOAT16])
 @pytest.mark.parametrize('kind', [*onednn.CONVOLUTION_KINDS,
                                   onednn.BATCH_NORM_RELU,
-                                  onednn.BATCH_NORM_RELU_GRAD])
-def test_onednn_picks_an_optimised_implementation(kind):
+                                  onednn.BATCH_NORM_RELU_GRAD,
+                                  *onednn.DENSE_KINDS])
+def test_onednn_picks_an_optimised_implementation(kind, dtype):
   """Not oneDNN's reference loops ('ref:...'), which are many times slower:
-  that would mean the layouts asked for have no fast implementation."""
+  that would mean the layouts asked for have no fast implementation; in
+  bfloat16, kernels for the CPU's bfloat16 instructions."""
   if kind in onednn.CONVOLUTION_KINDS:
     operation = onednn._convolution(kind, (2, 20, 20, 16), (3, 3, 16, 32),
-                                    ((1, 1), (1, 1)))
+                                    ((1, 1), (1, 1)), dtype)
+  elif kind in onednn.DENSE_KINDS:
+    operation = onednn._dense(kind, 8, 512, 100, dtype)
   else:
-    operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16))
-  assert not operation.implementation().startswith('ref')
+    operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16), dtype)
+  implementation = operation.implementation()
+  assert not implementation.startswith('ref'), implementation
+  if dtype == 'bfloat16' and kind not in (onednn.BATCH_NORM_RELU,
+                                          onednn.BATCH_NORM_RELU_GRAD):
+    # BatchNorm's kernels are named by the ISA alone ('bnorm_jit:avx512_core').
+    assert 'amx' in implementation or 'bf16' in implementation, (
+        implementation)
 
 
 def _batch_norm_relu_and_grads(x, scale, bias, cotangent):
@@ -186,9 +209,93 @@ def test_onednn_batch_norm_only_with_this_devices_statistics():
       axis_name='devices')
   assert _BATCH_NORM_TARGET not in _hlo(ours, x)
   assert _BATCH_NORM_TARGET in _hlo(ours, x[:1])
-  # No ReLU to fuse, other ranks, bfloat16: XLA's.
-  for args in ((x[0], False), (x[0, :, 0], True),
-               (x[0].astype(jnp.bfloat16), True)):
+  # No ReLU to fuse, other ranks: XLA's.
+  for args in ((x[0], False), (x[0, :, 0], True)):
     plain = lambda v, relu=args[1]: ops.batch_norm(
         v, jnp.ones(6), jnp.zeros(6), 1e-5, relu=relu)
     assert _BATCH_NORM_TARGET not in _hlo(plain, args[0])
+
+
+def _bfloat16(rng, shape, scale=1.0):
+  return jnp.asarray(rng.normal(size=shape) * scale, jnp.bfloat16)
+
+
+def _assert_bfloat16_close(mine, theirs, name):
+  """bfloat16 results of oneDNN against XLA's from the same bfloat16
+  operands: within a few bfloat16 roundings (2^-8) of the largest."""
+  mine, theirs = (np.asarray(a, np.float32) for a in (mine, theirs))
+  np.testing.assert_allclose(mine, theirs, rtol=2e-2,
+                             atol=2e-2 * np.abs(theirs).max(), err_msg=name)
+
+
+@pytest.mark.skipif(not onednn.bfloat16_supported(),
+                    reason='no bfloat16 instructions here')
+@pytest.mark.parametrize('x_shape,kernel_shape,padding', [
+    ((3, 9, 8, 3), (3, 3, 3, 4), ((1, 1), (1, 1))),
+    ((2, 7, 9, 16), (3, 3, 16, 32), ((1, 0), (0, 2))),
+    ((1, 4, 4, 64), (3, 3, 64, 64), ((1, 1), (1, 1))),
+])
+def test_onednn_bfloat16_conv2d_matches_xla_bfloat16(x_shape, kernel_shape,
+                                                      padding, monkeypatch):
+  rng = np.random.default_rng(5)
+  x, kernel = _bfloat16(rng, x_shape), _bfloat16(rng, kernel_shape, 0.3)
+  bias = _bfloat16(rng, kernel_shape[-1:])
+  cotangent = _bfloat16(rng, _plain_conv(x, kernel, padding).shape)
+  conv = lambda: jax.jit(lambda v, k, b: ops.conv2d(v, k, padding, b))
+  assert _hlo(conv(), x, kernel, bias).count(_TARGET) == 1
+  mine = outputs_and_grads(conv(), cotangent, x, kernel, bias)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = outputs_and_grads(conv(), cotangent, x, kernel, bias)
+  for name, a, b in zip(('y', 'dx', 'dkernel', 'dbias'), mine, theirs):
+    assert a.dtype == b.dtype == jnp.bfloat16, name
+    _assert_bfloat16_close(a, b, name)
+
+
+@pytest.mark.skipif(not onednn.bfloat16_supported(),
+                    reason='no bfloat16 instructions here')
+@pytest.mark.parametrize('batch,inputs,outputs', [(3, 7, 5), (16, 784, 100),
+                                                  (2, 4096, 10)])
+def test_onednn_bfloat16_dense_matches_xla_bfloat16(batch, inputs, outputs,
+                                                    monkeypatch):
+  rng = np.random.default_rng(6)
+  x, kernel = _bfloat16(rng, (batch, inputs)), _bfloat16(
+      rng, (inputs, outputs), inputs ** -0.5)
+  bias, cotangent = _bfloat16(rng, (outputs,)), _bfloat16(rng,
+                                                          (batch, outputs))
+  dense = lambda: jax.jit(ops.dense)
+  hlo = _hlo(jax.value_and_grad(
+      lambda *a: dense()(*a).astype(jnp.float32).sum(), (0, 1, 2)), x,
+              kernel, bias)
+  assert hlo.count('jaxlab_onednn_dense') == 3  # Forward, dx, dkernel.
+  mine = outputs_and_grads(dense(), cotangent, x, kernel, bias)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = outputs_and_grads(dense(), cotangent, x, kernel, bias)
+  for name, a, b in zip(('y', 'dx', 'dkernel', 'dbias'), mine, theirs):
+    assert a.dtype == b.dtype == jnp.bfloat16, name
+    _assert_bfloat16_close(a, b, name)
+
+
+@pytest.mark.skipif(not onednn.bfloat16_supported(),
+                    reason='no bfloat16 instructions here')
+def test_onednn_bfloat16_batch_norm_relu_matches_xla(monkeypatch):
+  """bfloat16 activations and their gradient; float32 statistics, scale and
+  bias and their gradients."""
+  rng = np.random.default_rng(7)
+  shape = (8, 6, 5, 32)
+  x = jnp.asarray(rng.normal(1.5, 2, size=shape), jnp.bfloat16)
+  scale = rng.uniform(0.5, 1.5, shape[-1:]).astype(np.float32)
+  bias = rng.normal(size=shape[-1:]).astype(np.float32)
+  cotangent = _bfloat16(rng, shape)
+  ours = lambda *a: ops.batch_norm(*a, 1e-5, relu=True)[0].astype(
+      jnp.float32).sum()
+  assert _hlo(jax.grad(ours, (0, 1, 2)), x, scale, bias).count(
+      _BATCH_NORM_TARGET) == 2
+  mine = _batch_norm_relu_and_grads(x, scale, bias, cotangent)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = _batch_norm_relu_and_grads(x, scale, bias, cotangent)
+  dtypes = (jnp.bfloat16, jnp.float32, jnp.float32, jnp.bfloat16,
+            jnp.float32, jnp.float32)
+  for name, a, b, dtype in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'),
+                               mine, theirs, dtypes):
+    assert a.dtype == b.dtype == dtype, name
+    _assert_bfloat16_close(a, b, name)
