@@ -146,11 +146,12 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
   start = time.perf_counter()
   compiled = p_train.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
+  runtime.release_free_memory()  # As launch.py's training does here.
   holder = {'state': state}
 
   def step():
     holder['state'], metrics = compiled(holder['state'], device_batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready((holder['state'], metrics))
 
   return step, {'compile_s': compile_s, 'flops': flops, 'batch': batch,
                 'device': jax.devices()[0].device_kind}

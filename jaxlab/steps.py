@@ -18,6 +18,7 @@ from flax.training import train_state
 
 from jaxlab import optimizers
 from jaxlab import platforms
+from jaxlab import runtime
 from jaxlab.preprocessing import Preprocess
 
 AXIS = 'batch'  # The pmap axis: gradients and BatchNorm statistics average over it.
@@ -71,6 +72,11 @@ def create_train_state(model, optimizer_config, rng: jax.Array,
                    jnp.zeros((1,) + tuple(image_shape), jnp.float32))
   if load_variables is not None:
     variables = load_variables(variables)
+  # Before the optimizer's state is allocated: else it lands beside the
+  # free memory initialisation left (VGG16: temporaries twice its kernels'
+  # size), which the process keeps (see `runtime.release_free_memory`).
+  jax.block_until_ready(variables)
+  runtime.release_free_memory()
   return train_state_from_variables(model, optimizer_config, variables,
                                     state_rng)
 

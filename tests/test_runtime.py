@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 # Imports, first, the libraries jaxlab's modules import at their top (some,
@@ -80,3 +82,36 @@ def test_xla_defaults_yield_to_the_user(monkeypatch):
   assert os.environ['XLA_FLAGS'] == (
       '--xla_cpu_experimental_ynn_fusion_type=dot '
       '--xla_cpu_copy_insertion_use_region_analysis=true')
+
+
+_FREE_AND_RELEASE = r'''
+import sys
+sys.path.insert(0, ROOT)
+import numpy as np
+from jaxlab import runtime
+def rss():
+  for line in open('/proc/self/status'):
+    if line.startswith('VmRSS'):
+      return int(line.split()[1]) // 1024
+runtime.apply_malloc_defaults()  # The heap keeps what is freed...
+kept = np.ones(8 << 20)  # 64 MiB still in use, above the freed memory.
+freed = np.ones(32 << 20)  # 256 MiB, in the heap (no mmap).
+keep_top = np.ones(1 << 10)
+del freed
+before = rss()
+released = runtime.release_free_memory()  # ...until it is released.
+print(released, before, rss(), kept.sum() > 0, keep_top.sum() > 0)
+'''
+
+
+def test_release_free_memory_hands_the_heaps_free_pages_back():
+  if not os.path.exists('/proc/self/status'):
+    pytest.skip('reads the resident size from Linux /proc')
+  proc = subprocess.run(
+      [sys.executable, '-c', f'ROOT = {ROOT!r}\n' + _FREE_AND_RELEASE],
+      capture_output=True, text=True, timeout=120, check=True,
+      env={k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')})
+  released, before, after, *_ = proc.stdout.split()
+  if released != 'True':
+    pytest.skip('not glibc: malloc is not tuned, nothing to release')
+  assert int(before) - int(after) > 200, proc.stdout
