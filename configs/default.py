@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 10
   config.seed = 0
   # bfloat16 computation, float32 parameters, optimizer and BatchNorm
-  # statistics. For GPUs and TPUs; CPUs without bfloat16 units run slower.
+  # statistics. GPUs, TPUs, and CPUs with AVX512-BF16 or AMX (oneDNN's
+  # kernels); on other CPUs float32, with a warning (bfloat16 is slower).
   config.half_precision = False
 
   config.optimizer = ml_collections.ConfigDict()
