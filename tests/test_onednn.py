@@ -228,6 +228,17 @@ def _assert_bfloat16_close(mine, theirs, name):
                              atol=2e-2 * np.abs(theirs).max(), err_msg=name)
 
 
+def _assert_bfloat16_matches_xla(make, cotangent, *args, monkeypatch):
+  """`make()`'s jitted output and gradients (y, then one per argument), all
+  bfloat16: through oneDNN, then with JAXLAB_ONEDNN=0 through XLA."""
+  mine = outputs_and_grads(make(), cotangent, *args)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = outputs_and_grads(make(), cotangent, *args)
+  for name, a, b in zip(('y', 'dx', 'dkernel', 'dbias'), mine, theirs):
+    assert a.dtype == b.dtype == jnp.bfloat16, name
+    _assert_bfloat16_close(a, b, name)
+
+
 @pytest.mark.skipif(not onednn.bfloat16_supported(),
                     reason='no bfloat16 instructions here')
 @pytest.mark.parametrize('x_shape,kernel_shape,padding', [
@@ -243,12 +254,8 @@ def test_onednn_bfloat16_conv2d_matches_xla_bfloat16(x_shape, kernel_shape,
   cotangent = _bfloat16(rng, _plain_conv(x, kernel, padding).shape)
   conv = lambda: jax.jit(lambda v, k, b: ops.conv2d(v, k, padding, b))
   assert _hlo(conv(), x, kernel, bias).count(_TARGET) == 1
-  mine = outputs_and_grads(conv(), cotangent, x, kernel, bias)
-  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
-  theirs = outputs_and_grads(conv(), cotangent, x, kernel, bias)
-  for name, a, b in zip(('y', 'dx', 'dkernel', 'dbias'), mine, theirs):
-    assert a.dtype == b.dtype == jnp.bfloat16, name
-    _assert_bfloat16_close(a, b, name)
+  _assert_bfloat16_matches_xla(conv, cotangent, x, kernel, bias,
+                               monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(not onednn.bfloat16_supported(),
@@ -267,12 +274,8 @@ def test_onednn_bfloat16_dense_matches_xla_bfloat16(batch, inputs, outputs,
       lambda *a: dense()(*a).astype(jnp.float32).sum(), (0, 1, 2)), x,
               kernel, bias)
   assert hlo.count('jaxlab_onednn_dense') == 3  # Forward, dx, dkernel.
-  mine = outputs_and_grads(dense(), cotangent, x, kernel, bias)
-  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
-  theirs = outputs_and_grads(dense(), cotangent, x, kernel, bias)
-  for name, a, b in zip(('y', 'dx', 'dkernel', 'dbias'), mine, theirs):
-    assert a.dtype == b.dtype == jnp.bfloat16, name
-    _assert_bfloat16_close(a, b, name)
+  _assert_bfloat16_matches_xla(dense, cotangent, x, kernel, bias,
+                               monkeypatch=monkeypatch)
 
 
 @pytest.mark.skipif(not onednn.bfloat16_supported(),
