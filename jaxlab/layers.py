@@ -139,8 +139,9 @@ class BatchNorm(nn.BatchNorm):
   """`nn.BatchNorm`. In the CPU program, training over the last axis with
   flax's defaults (fast variance, scale and bias), in float32 (or in
   bfloat16 with float32 parameters, on CPUs with bfloat16 instructions),
-  reduces in stages (`ops.batch_statistics`); a `relu` on its result runs with it, as one
-  oneDNN operation where that applies (`ops.batch_normalize`)."""
+  reduces in stages (`ops.batch_statistics`); a `relu` on its result runs
+  with it, as one oneDNN operation where that applies
+  (`ops.batch_normalize`)."""
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,

@@ -805,8 +805,9 @@ def conv_kernel_grad(x, g, kernel_shape, padding):
 
 def batch_norm_relu(x, mean, var, scale, bias):
   """max(0, (x - mean) / sqrt(var) * scale + bias) over the channels of
-  NHWC `x` (float32 or bfloat16), with float32 statistics given (`var` includes epsilon); returns y and
-  the workspace that `batch_norm_relu_grad` takes."""
+  NHWC `x` (float32 or bfloat16), with float32 statistics given (`var`
+  includes epsilon); returns y and the workspace that
+  `batch_norm_relu_grad` takes."""
   operation = _batch_norm_relu(BATCH_NORM_RELU, x.shape, x.dtype.name)
   return _call(BATCH_NORM_RELU,
                [jax.ShapeDtypeStruct(x.shape, x.dtype),

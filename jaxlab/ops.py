@@ -14,10 +14,11 @@ gradient goes to its first maximum in row-major order, as select_and_scatter
 (and PyTorch) route it.
 
 `conv2d`: a stride-1 convolution and its bias. In float32 (and in bfloat16
-on CPUs with bfloat16 instructions), through oneDNN (see `jaxlab.onednn`), whose kernel gradient computes the bias's in the same
-pass; otherwise through XLA, with a kernel gradient that transposes its
-input the fast way (see `_conv_kernel_grad`), a forward pass on inputs of up
-to 4 channels written as a fused sum of shifted products (see
+on CPUs with bfloat16 instructions), through oneDNN (see `jaxlab.onednn`),
+whose kernel gradient computes the bias's in the same pass; otherwise
+through XLA, with a kernel gradient that transposes its input the fast way
+(see `_conv_kernel_grad`), a forward pass on inputs of up to 4 channels
+written as a fused sum of shifted products (see
 `_forward_conv`), and a bias gradient that reduces in stages (see
 `_channel_sums`).
 
@@ -271,11 +272,17 @@ def _conv_as_shifted_products(x, kernel):
   return out.astype(dtype)
 
 
+def _onednn_computes_in(dtype) -> bool:
+  """Whether oneDNN is on and runs this dtype fast here: float32, or
+  bfloat16 on a CPU with bfloat16 instructions (elsewhere oneDNN emulates
+  them, slower than XLA)."""
+  return onednn.enabled() and (dtype == jnp.float32 or (
+      dtype == jnp.bfloat16 and onednn.bfloat16_supported()))
+
+
 def _uses_onednn(x, padding) -> bool:
   # Negative padding (cropping) is XLA's only.
-  return ((x.dtype == jnp.float32 or
-           (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported())) and
-          min(min(padding)) >= 0 and onednn.enabled())
+  return _onednn_computes_in(x.dtype) and min(min(padding)) >= 0
 
 
 def _forward_conv(x, kernel, padding):
@@ -370,8 +377,7 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 def _uses_onednn_dense(x) -> bool:
   # XLA:CPU's bfloat16 dot runs at a fraction of oneDNN's (AVX512-BF16 or
   # AMX); in float32 XLA's is as fast.
-  return (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported() and
-          onednn.enabled())
+  return x.dtype == jnp.bfloat16 and _onednn_computes_in(x.dtype)
 
 
 @jax.custom_vjp
@@ -471,8 +477,9 @@ def batch_norm(x, scale, bias, epsilon: float, axis_name: str | None = None,
 
 
 def _uses_onednn_batch_norm(x, axis_name) -> bool:
-  """Whether `batch_normalize` with a ReLU runs through oneDNN: float32
-  NHWC (or bfloat16, on CPUs with bfloat16 instructions), with statistics of this device's batch alone.
+  """Whether `batch_normalize` with a ReLU runs through oneDNN: NHWC in
+  float32 (or in bfloat16, on CPUs with bfloat16 instructions), with
+  statistics of this device's batch alone.
 
   oneDNN normalises and ReLUs in one pass, and computes the gradient in two
   (x's, through the statistics, with scale's and bias's), where XLA's
@@ -480,9 +487,7 @@ def _uses_onednn_batch_norm(x, axis_name) -> bool:
   with the statistics averaged over several devices the gradient stays
   XLA's (`_batch_normalized`).
   """
-  return (x.ndim == 4 and onednn.enabled() and
-          (x.dtype == jnp.float32 or
-           (x.dtype == jnp.bfloat16 and onednn.bfloat16_supported())) and
+  return (x.ndim == 4 and _onednn_computes_in(x.dtype) and
           (axis_name is None or jax.lax.axis_size(axis_name) == 1))
 
 
