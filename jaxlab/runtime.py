@@ -39,11 +39,12 @@ XLA_DEFAULTS = {
 # working set back in. One arena, no mmap and no trimming keep freed memory
 # for the next step. Cost: the process keeps its peak heap resident. The
 # heap grows with 256 MiB to spare (address space, resident only once
-# used): small blocks allocated during a step then split the hole the
-# step's largest buffer left less often (not never); when they do, the
-# next step's copy no longer fits and the heap grows by that buffer's size,
-# page-faulted. benchmarks/README.md has the figures. The environment's
-# MALLOC_* variables win.
+# used), so that small blocks allocated during a step split the hole the
+# step's largest buffer left less often. It still grows, now and then, by
+# the step's block of temporaries: XLA:CPU frees it after the step's
+# outputs are ready, and the next step's block may be allocated before
+# that (benchmarks/README.md, Memory). The environment's MALLOC_* variables
+# win.
 MALLOC_DEFAULTS = {
     # name: (mallopt parameter, environment variable, value)
     'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),
