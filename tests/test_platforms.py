@@ -5,6 +5,7 @@ import functools
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -20,10 +21,12 @@ _IMAGE = (32, 32, 3)
 _BATCH = 2
 
 
-def _train_step(name):
+def _train_step(name, dtype=jnp.float32):
   """The jitted, per-platform train step (SGD with momentum and gradient
-  clipping) of model `name`, and abstract arguments for it."""
-  model = models.create_model(ml_collections.ConfigDict({'name': name}), 5)
+  clipping) of model `name` computing in `dtype`, and abstract arguments
+  for it."""
+  model = models.create_model(ml_collections.ConfigDict({'name': name}), 5,
+                              dtype=dtype)
   optimizer = ml_collections.ConfigDict(dict(
       name='sgd', learning_rate=0.01, momentum=0.9, grad_clip_norm=1.0,
       frozen=()))
@@ -60,9 +63,8 @@ def _cases(mlir: str) -> list[tuple[str, int]]:
   return cases
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
-def test_accelerators_get_the_plain_program(name):
-  step, state, batch = _train_step(name)
+def _assert_accelerators_get_the_plain_program(name, dtype=jnp.float32):
+  step, state, batch = _train_step(name, dtype)
   for platform in ('cuda', 'tpu'):  # One trace (jit caches it), two exports.
     exported = jax.export.export(step, platforms=[platform])(state, batch)
     mlir = exported.mlir_module()
@@ -76,6 +78,26 @@ def test_accelerators_get_the_plain_program(name):
     (selector, _), (_, branches) = _cases(mlir)
     assert re.search(rf'{re.escape(selector)} = stablehlo.constant', mlir)
     assert branches == 1
+  return step, state, batch
+
+
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+def test_accelerators_get_the_plain_program(name):
+  _assert_accelerators_get_the_plain_program(name)
+
+
+# Dense layers; convolutions and BatchNorm.
+@pytest.mark.parametrize('name', ['fc', 'cnn_bn'])
+def test_in_bfloat16_too(name):
+  """half_precision: accelerators get flax's bfloat16 program; the CPU
+  program runs oneDNN's bfloat16 kernels where the CPU has bfloat16
+  instructions."""
+  step, state, batch = _assert_accelerators_get_the_plain_program(
+      name, jnp.bfloat16)
+  cpu = step.trace(state, batch).lower(lowering_platforms=('cpu',)).as_text()
+  target = 'jaxlab_onednn_dense' if name == 'fc' else (
+      'jaxlab_onednn_convolution')
+  assert (target in cpu) == onednn.bfloat16_supported()
 
 
 @pytest.mark.skipif(not onednn.available(), reason='oneDNN is not installed')
