@@ -593,7 +593,7 @@ def _batch_norm_relu(kind, x_shape, dtype='float32') -> _BatchNormReLU:
   return _operation(_BatchNormReLU, kind, x_shape, dtype)
 
 
-def _buffer(pointer: int, dtype: int = _FFI_DATA_TYPE_F32):
+def _buffer(pointer: int, dtype: int):
   buffer = ctypes.cast(pointer, ctypes.POINTER(_FfiBuffer)).contents
   if buffer.dtype != dtype:
     raise ValueError(f'oneDNN operation: expected XLA FFI data type {dtype}, '
@@ -617,6 +617,14 @@ def _dtype_of(pointer: int) -> int:
   return dtype
 
 
+def _buffers_of_one_dtype(frame: _FfiCallFrame):
+  """(dtype, operands, results) of a call whose buffers all have the first
+  operand's dtype (float32 or bfloat16): convolutions and matmuls."""
+  dtype = _dtype_of(frame.args.items[0])
+  return (dtype, _buffers(frame.args.items, [dtype] * frame.args.size),
+          _buffers(frame.rets.items, [dtype] * frame.rets.size))
+
+
 def _run_batch_norm_relu(kind: str, frame: _FfiCallFrame) -> None:
   """Operands and results as `_BatchNormReLU` lists them: x, y, dy and dx
   in x's dtype, the workspace uint8, the rest float32."""
@@ -635,10 +643,8 @@ def _run_batch_norm_relu(kind: str, frame: _FfiCallFrame) -> None:
 def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
   """One call: operands and results as `_Convolution` lists them, and the
   attribute `padding` (int64 [top, bottom, left, right])."""
-  dtype = _dtype_of(frame.args.items[0])
-  operands = _buffers(frame.args.items, [dtype] * frame.args.size)
+  dtype, operands, results = _buffers_of_one_dtype(frame)
   (first, first_shape), (second, second_shape) = operands[:2]
-  results = _buffers(frame.rets.items, [dtype] * frame.rets.size)
   result_shape = results[0][1]
   padding = ctypes.cast(frame.attrs.items[0],
                         ctypes.POINTER(_FfiArray)).contents
@@ -656,10 +662,8 @@ def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
 
 def _run_dense(kind: str, frame: _FfiCallFrame) -> None:
   """One call: operands and results as `_Dense` lists them."""
-  dtype = _dtype_of(frame.args.items[0])
-  operands = _buffers(frame.args.items, [dtype] * frame.args.size)
-  results = _buffers(frame.rets.items, [dtype] * frame.rets.size)
-  (_, first), (_, second), (_, result) = operands[0], operands[1], results[0]
+  dtype, operands, results = _buffers_of_one_dtype(frame)
+  (_, first), (_, second) = operands[:2]
   batch, inputs, outputs = {
       DENSE: (first[0], first[1], second[1]),
       DENSE_INPUT_GRAD: (first[0], second[0], second[1]),

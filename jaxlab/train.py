@@ -238,11 +238,12 @@ def _compile_train_step(p_train, state, dataset, config, sharding):
     # process's batches: compile by a step on a throwaway copy of the state.
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), example)
     jax.block_until_ready(p_train(steps.replicate(state), zeros))
-    runtime.release_free_memory()
-    return p_train, time.perf_counter() - start
-  compiled = p_train.lower(state, example).compile()
+    train_fn = p_train
+  else:
+    train_fn = p_train.lower(state, example).compile()
+  seconds = time.perf_counter() - start
   runtime.release_free_memory()
-  return compiled, time.perf_counter() - start
+  return train_fn, seconds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
