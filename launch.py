@@ -14,8 +14,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Before TF is imported.
 
 from jaxlab import runtime  # pylint: disable=g-import-not-at-top
 from jaxlab import storage  # pylint: disable=g-import-not-at-top
+from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
 
-runtime.apply_defaults()  # Before JAX starts: XLA flags, malloc.
+try:
+  runtime.apply_defaults()  # Before JAX starts: XLA flags, malloc, dispatch.
+except UserError as e:
+  print(f'error: {e}', file=sys.stderr)
+  sys.exit(2)
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -93,7 +98,6 @@ def main(argv):
   # Imported here, after flag parsing; --summary needs no TensorFlow.
   import jax  # pylint: disable=g-import-not-at-top
   from jaxlab import preemption  # pylint: disable=g-import-not-at-top
-  from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
   cluster_flags = [f'--{name}' for name in ('coordinator_address',
                                              'num_processes', 'process_id')
                    if FLAGS[name].value is not None]

@@ -8,9 +8,10 @@ jaxlab as a library does the same to get them:
     runtime.apply_defaults()   # before JAX computes anything
     import jax
 
-XLA reads XLA_FLAGS once, when its first backend starts, and glibc gives
-each thread its malloc arena when the thread first allocates, so they must
-come before JAX starts. Flags and variables the user set win.
+XLA reads XLA_FLAGS once, when its first backend starts, JAX its CPU
+client's options too, and glibc gives each thread its malloc arena when the
+thread first allocates, so they must come before JAX starts. Flags and
+variables the user set win.
 """
 
 import ctypes
@@ -40,11 +41,9 @@ XLA_DEFAULTS = {
 # for the next step. Cost: the process keeps its peak heap resident. The
 # heap grows with 256 MiB to spare (address space, resident only once
 # used), so that small blocks allocated during a step split the hole the
-# step's largest buffer left less often. It still grows, now and then, by
-# the step's block of temporaries: XLA:CPU frees it after the step's
-# outputs are ready, and the next step's block may be allocated before
-# that (benchmarks/README.md, Memory). The environment's MALLOC_* variables
-# win.
+# step's largest buffer left less often; the step's block of temporaries
+# is reused from one step to the next where steps run inline (JAX_DEFAULTS).
+# The environment's MALLOC_* variables win.
 MALLOC_DEFAULTS = {
     # name: (mallopt parameter, environment variable, value)
     'arena_max': (-8, 'MALLOC_ARENA_MAX', 1),
@@ -102,12 +101,52 @@ def release_free_memory() -> bool:
   return True
 
 
+# JAX options, set with jax.config before the CPU backend starts. JAX reads
+# no environment variable for them; jaxlab takes `$NAME_IN_CAPITALS` (true /
+# false) where the user set it.
+JAX_DEFAULTS = {
+    # Each step on the Python thread, not dispatched to XLA:CPU's workers.
+    # Asynchronously, the next step starts when the previous one's outputs
+    # are ready, and XLA:CPU frees that step's temporaries only after this:
+    # two steps' blocks of temporaries were allocated at once, and with
+    # MALLOC_DEFAULTS the heap kept both (cnn2: 1,373 MiB more resident,
+    # 3.3 instead of 1.9 GiB). Inline, a step's temporaries are freed before
+    # it returns. Steps ran no slower (benchmarks/README.md, Memory).
+    'jax_cpu_enable_async_dispatch': False,
+}
+
+
 def apply_defaults() -> None:
-  """XLA flags and malloc settings (see XLA_DEFAULTS and MALLOC_DEFAULTS),
-  for this process and the processes it starts, where the user has not set
-  them."""
+  """XLA flags, malloc settings and JAX options (see XLA_DEFAULTS,
+  MALLOC_DEFAULTS and JAX_DEFAULTS), for this process and the processes it
+  starts, where the user has not set them. Imports JAX; call it before JAX
+  computes anything."""
   apply_xla_defaults()
   apply_malloc_defaults()
+  apply_jax_defaults()
+
+
+def apply_jax_defaults() -> dict:
+  """Sets JAX_DEFAULTS with jax.config, each unless `$NAME` (capitals) gives
+  another value; returns the options set, by name."""
+  import jax  # pylint: disable=g-import-not-at-top
+  applied = {}
+  for name, value in JAX_DEFAULTS.items():
+    given = os.environ.get(name.upper())
+    if given is not None:
+      value = _boolean(name.upper(), given)
+    jax.config.update(name, value)
+    applied[name] = value
+  return applied
+
+
+def _boolean(variable: str, text: str) -> bool:
+  from jaxlab.errors import UserError  # pylint: disable=g-import-not-at-top
+  if text.lower() in ('1', 'true', 'yes', 'on'):
+    return True
+  if text.lower() in ('0', 'false', 'no', 'off'):
+    return False
+  raise UserError(f'${variable}={text!r} is not a boolean: give true or false')
 
 
 def apply_xla_defaults() -> None:

@@ -115,3 +115,73 @@ def test_release_free_memory_hands_the_heaps_free_pages_back():
   if released != 'True':
     pytest.skip('not glibc: malloc is not tuned, nothing to release')
   assert int(before) - int(after) > 200, proc.stdout
+
+
+def test_jax_defaults_yield_to_the_environment(monkeypatch):
+  import jax
+  from jaxlab import errors, runtime
+  before = jax.config.values['jax_cpu_enable_async_dispatch']
+  try:
+    monkeypatch.setenv('JAX_CPU_ENABLE_ASYNC_DISPATCH', 'true')
+    assert runtime.apply_jax_defaults() == {
+        'jax_cpu_enable_async_dispatch': True}
+    monkeypatch.delenv('JAX_CPU_ENABLE_ASYNC_DISPATCH')
+    assert runtime.apply_jax_defaults() == {
+        'jax_cpu_enable_async_dispatch': False}
+    monkeypatch.setenv('JAX_CPU_ENABLE_ASYNC_DISPATCH', 'sometimes')
+    with pytest.raises(errors.UserError, match='JAX_CPU_ENABLE_ASYNC_DISPATCH'):
+      runtime.apply_jax_defaults()
+  finally:
+    jax.config.update('jax_cpu_enable_async_dispatch', before)
+
+
+# Steps as the train loop runs them (the next dispatched before the previous
+# one's outputs are read), each with 256 MiB of temporaries (the matmul's
+# result and its cumulative sums). What matters is that each step's are
+# freed by the time the next step allocates its own: else the heap, which
+# keeps what is freed, holds two steps' blocks.
+_STEPS = r'''
+import ctypes, sys
+sys.path.insert(0, ROOT)
+from jaxlab import runtime
+runtime.apply_defaults()
+import jax, jax.numpy as jnp
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks '
+      'keepcost').split()]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def in_use_mib():
+  return libc.mallinfo2().uordblks >> 20
+@jax.jit
+def step(state, x, w):
+  t = jnp.tanh(x @ w)  # 2048 x 16384 float32: 128 MiB.
+  return state + jnp.cumsum(t, axis=1)[:, -1].sum(), t[0, 0]
+x = jnp.ones((2048, 64)) / 64
+w = jnp.ones((64, 16384))
+state, previous = step(jnp.zeros(()), x, w)
+float(previous)
+in_use = [in_use_mib()]
+for _ in range(12):
+  state, out = step(state, x, w)
+  float(previous)
+  previous = out
+  in_use.append(in_use_mib())
+print(*in_use)
+'''
+
+
+def test_each_steps_temporaries_are_freed_before_the_next_step():
+  probe = subprocess.run([sys.executable, '-c',
+                          'import ctypes; ctypes.CDLL(None).mallinfo2'],
+                         capture_output=True, check=False)
+  if probe.returncode:
+    pytest.skip('reads the heap in use with glibc\'s mallinfo2')
+  proc = subprocess.run(
+      [sys.executable, '-c', f'ROOT = {ROOT!r}\n' + _STEPS],
+      capture_output=True, text=True, timeout=120, check=True,
+      env={k: v for k, v in os.environ.items()
+           if not k.startswith(('MALLOC_', 'JAX_CPU_'))})
+  first, *later = map(int, proc.stdout.split())
+  assert max(later) - first < 64, proc.stdout  # No step's 256 MiB left.
