@@ -15,7 +15,7 @@ from jaxlab import models, platforms, prng, steps
 @pytest.mark.parametrize('sample', [
     lambda key: jax.random.bits(key, (5,)),
     lambda key: jax.random.bits(key, (33, 7), dtype=jnp.uint8),
-    lambda key: jax.random.bits(key, (4, 3), dtype=jnp.uint64),
+    lambda key: jax.random.bits(key, (4, 3), dtype=jnp.uint16),
     lambda key: jax.random.normal(jax.random.split(key, 3)[2], (100, 33)),
     lambda key: jax.random.uniform(jax.random.fold_in(key, 7), (17,),
                                    dtype=jnp.bfloat16),
