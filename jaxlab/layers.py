@@ -69,8 +69,10 @@ def _explicit_padding(padding, spatial_shape, window, strides):
 
 
 class Conv(nn.Conv):
-  """`nn.Conv`. In the CPU program, 2-D float32 convolutions of stride 1
-  with no dilation, groups or mask run as `ops.conv2d` (oneDNN)."""
+  """`nn.Conv`. In the CPU program, 2-D float32 (and, where the CPU has
+  bfloat16 instructions, bfloat16) convolutions of stride 1 with no
+  dilation, groups or mask run as `ops.conv2d` (oneDNN), and offer `relu`
+  their ReLU (`ops.conv2d_relu`)."""
 
   @nn.compact
   def __call__(self, inputs):
@@ -85,7 +87,11 @@ class Conv(nn.Conv):
                        self.param_dtype) if self.use_bias else None)
     inputs, kernel, bias = flax_linear.promote_dtype(inputs, kernel, bias,
                                                      dtype=self.dtype)
-    return ops.conv2d(inputs, kernel, padding, bias)
+    y = ops.conv2d(inputs, kernel, padding, bias)
+    if ops.conv2d_fuses_relu(inputs, padding):  # For `relu` to take.
+      platforms.cpu_program().fusable_relu[id(y)] = (
+          y, lambda: ops.conv2d_relu(inputs, kernel, padding, bias))
+    return y
 
   def _cpu_padding(self, inputs):
     """The explicit padding when `ops.conv2d` computes this call, else None."""
@@ -183,7 +189,8 @@ class BatchNorm(nn.BatchNorm):
 
 def relu(x):
   """`nn.relu`. In the CPU program, the ReLU of a BatchNorm's training
-  output is computed with that BatchNorm (one oneDNN pass)."""
+  output is computed with that BatchNorm, and that of a convolution's output
+  with that convolution (one oneDNN pass each)."""
   program = platforms.cpu_program()
   if program is not None:
     offered = program.fusable_relu.get(id(x))

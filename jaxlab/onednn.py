@@ -43,6 +43,7 @@ _TAG_HWIO = 28  # dnnl_cdba for dims [O, I, H, W]
 _FORWARD_TRAINING = 64
 _BACKWARD = 128
 _CONVOLUTION_DIRECT = 1
+_ELTWISE_RELU = 0x20
 _QUERY_IMPL_INFO_STR = 8
 _QUERY_WORKSPACE_MD = 135
 _QUERY_SCRATCHPAD_MD = 136
@@ -196,6 +197,8 @@ def _library():
         return None
       lib.dnnl_primitive_desc_query_md.restype = ctypes.c_void_p
       lib.dnnl_memory_desc_get_size.restype = ctypes.c_size_t
+      lib.dnnl_post_ops_append_eltwise.argtypes = (
+          ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_float)
       return lib
   return None
 
@@ -257,6 +260,26 @@ def _user_scratchpad_attr() -> ctypes.c_void_p:
          'dnnl_primitive_attr_create')
   _check(_library().dnnl_primitive_attr_set_scratchpad_mode(
       attr, _SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
+  return attr
+
+
+@functools.cache
+def _relu_after_attr() -> ctypes.c_void_p:
+  """As `_user_scratchpad_attr`, and the primitive applies max(0, .) to its
+  result as it writes it (a post-op)."""
+  lib = _library()
+  post_ops = ctypes.c_void_p()
+  _check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)),
+         'dnnl_post_ops_create')
+  _check(lib.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE_RELU, 0.0, 0.0),
+         'dnnl_post_ops_append_eltwise')
+  attr = ctypes.c_void_p()
+  _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)),
+         'dnnl_primitive_attr_create')
+  _check(lib.dnnl_primitive_attr_set_scratchpad_mode(
+      attr, _SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
+  _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops),
+         'dnnl_primitive_attr_set_post_ops')
   return attr
 
 
@@ -333,7 +356,8 @@ class _Reorder:
 
 
 FORWARD, INPUT_GRAD, KERNEL_GRAD = 'forward', 'input_grad', 'kernel_grad'
-CONVOLUTION_KINDS = (FORWARD, INPUT_GRAD, KERNEL_GRAD)
+FORWARD_RELU = 'forward_relu'  # The forward pass, then max(0, .).
+CONVOLUTION_KINDS = (FORWARD, FORWARD_RELU, INPUT_GRAD, KERNEL_GRAD)
 BATCH_NORM_RELU, BATCH_NORM_RELU_GRAD = 'batch_norm_relu', 'batch_norm_relu_grad'
 DENSE, DENSE_INPUT_GRAD, DENSE_KERNEL_GRAD = (
     'dense', 'dense_input_grad', 'dense_kernel_grad')
@@ -385,9 +409,10 @@ class _Convolution(_Operation):
     _check(lib.dnnl_convolution_forward_primitive_desc_create(
         ctypes.byref(forward), _engine(), _FORWARD_TRAINING,
         _CONVOLUTION_DIRECT, self.x, any_kernel, self.bias, self.y,
-        *geometry, _user_scratchpad_attr()),
+        *geometry, _relu_after_attr() if kind == FORWARD_RELU else
+        _user_scratchpad_attr()),
            'dnnl_convolution_forward_primitive_desc_create')
-    if kind == FORWARD:
+    if kind in (FORWARD, FORWARD_RELU):
       self.primitive_desc = forward
       kernel_arg = _ARG_WEIGHTS
     elif kind == INPUT_GRAD:
@@ -427,7 +452,7 @@ class _Convolution(_Operation):
   def _run(self, *data: int) -> None:
     blocked, blocked_data = _aligned_buffer(self.blocked_kernel_size)
     kernel = (self.blocked_kernel, blocked_data)
-    if self.kind == FORWARD:
+    if self.kind in (FORWARD, FORWARD_RELU):
       x, user_kernel, bias, y = data
       self.reorder(user_kernel, blocked_data)
       args = {_ARG_SRC: (self.x, x), _ARG_WEIGHTS: kernel,
@@ -652,6 +677,7 @@ def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
       padding.data, ctypes.POINTER(ctypes.c_int64))[:4]
   x_shape, kernel_shape = {
       FORWARD: (first_shape, second_shape),
+      FORWARD_RELU: (first_shape, second_shape),
       INPUT_GRAD: (result_shape, second_shape),
       KERNEL_GRAD: (first_shape, result_shape)}[kind]
   convolution = _convolution(kind, x_shape, kernel_shape,
@@ -786,13 +812,14 @@ def _call_convolution(kind, result_shapes, padding, *operands):
                padding=np.array([top, bottom, left, right], np.int64))
 
 
-def conv(x, kernel, bias, padding):
-  """The stride-1 convolution of NHWC float32 `x` with HWIO `kernel`, plus
-  `bias` over the output channels; `padding` is ((top, bottom), (left,
-  right))."""
+def conv(x, kernel, bias, padding, relu: bool = False):
+  """The stride-1 convolution of NHWC `x` (float32 or bfloat16) with HWIO
+  `kernel`, plus `bias` over the output channels, and with `relu` max(0, .)
+  of that; `padding` is ((top, bottom), (left, right))."""
   return _call_convolution(
-      FORWARD, [_output_shape(x.shape, kernel.shape, padding)], padding, x,
-      kernel, bias)
+      FORWARD_RELU if relu else FORWARD,
+      [_output_shape(x.shape, kernel.shape, padding)], padding, x, kernel,
+      bias)
 
 
 def conv_input_grad(g, kernel, x_shape, padding):

@@ -374,6 +374,41 @@ def _conv2d_bwd(padding, saved, g):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def conv2d_fuses_relu(x, padding) -> bool:
+  """Whether `conv2d_relu` computes this convolution and ReLU in one pass."""
+  return _uses_onednn(x, padding)
+
+
+def conv2d_relu(x, kernel, padding, bias=None):
+  """max(0, conv2d(x, kernel, padding, bias)) where `conv2d_fuses_relu`:
+  oneDNN applies the ReLU as it writes the convolution's output, and the
+  gradient masks by that output (XLA:CPU otherwise reads and writes the
+  activation once more, in bfloat16 its slowest pass: scratch_cnn's first
+  layer, 10 ms of a 100 ms step)."""
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1:], x.dtype)
+  return _conv2d_relu(x, kernel, bias, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv2d_relu(x, kernel, bias, padding):
+  return onednn.conv(x, kernel, bias, padding, relu=True)
+
+
+def _conv2d_relu_fwd(x, kernel, bias, padding):
+  y = _conv2d_relu(x, kernel, bias, padding)
+  return y, (x, kernel, y)
+
+
+def _conv2d_relu_bwd(padding, saved, g):
+  x, kernel, y = saved
+  return _conv2d_bwd(padding, (x, kernel), jnp.where(y > 0, g, 0).astype(
+      g.dtype))
+
+
+_conv2d_relu.defvjp(_conv2d_relu_fwd, _conv2d_relu_bwd)
+
+
 def _uses_onednn_dense(x) -> bool:
   # XLA:CPU's bfloat16 dot runs at a fraction of oneDNN's (AVX512-BF16 or
   # AMX); in float32 XLA's is as fast.

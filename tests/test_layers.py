@@ -126,6 +126,36 @@ def test_conv_of_a_single_example_or_1d_is_flax_conv():
                flax_module=nn.Conv(3, (3,)))
 
 
+class _ConvRelu(nn.Module):
+  """A convolution, then `layers.relu` (fusable) or, with `flax_layers`,
+  flax's conv and relu."""
+  kwargs: dict
+  flax_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    if self.flax_layers:
+      return nn.relu(nn.Conv(name='conv', **self.kwargs)(x))
+    return layers.relu(layers.Conv(name='conv', **self.kwargs)(x))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_conv_and_relu_are_flax_conv_and_relu_in_one_onednn_pass(dtype):
+  kwargs = dict(features=6, kernel_size=(3, 3), dtype=dtype)
+  fast = dtype == jnp.float32 or onednn.bfloat16_supported()
+  bfloat16 = dtype == jnp.bfloat16
+  x = _x((2, 9, 8, 4), dtype)
+  _assert_same(_ConvRelu(kwargs), x, fast=fast,
+               tolerance=2e-2 if bfloat16 else 1e-4, of_scale=bfloat16,
+               flax_module=_ConvRelu(kwargs, flax_layers=True))
+  if fast and onednn.available():
+    module = _ConvRelu(kwargs)
+    _, hlo = _run(module, module.init(jax.random.PRNGKey(0), x), x, True)
+    # The unfused convolution, which `relu` replaced, is not computed.
+    assert hlo.count('jaxlab_onednn_convolution_forward_relu') == 1
+    assert 'jaxlab_onednn_convolution_forward"' not in hlo
+
+
 @pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7), (7,)])
 @pytest.mark.parametrize('kwargs', [dict(features=5),
                                     dict(features=5, use_bias=False),
