@@ -131,7 +131,7 @@ def jax_worker(name: str, batch: int, half_precision: bool = False):
       frozen=frozen))
   state = steps.create_train_state(model, optimizer, jax.random.PRNGKey(0),
                                    (size, size, channels))
-  state = steps.replicate(state, donate=True)  # As launch.py's training.
+  state = steps.replicate(state)
   preprocess = Preprocess()
   p_train, _ = steps.pmapped_steps(preprocess)
   n_dev = jax.local_device_count()

@@ -379,7 +379,7 @@ def _train(config, workdir, config_dict, checkpoints, resuming: bool,
     if not resuming:
       writer.write_hparams(_flat(config_dict))
     p_train, p_eval = steps.pmapped_steps(preprocess)
-    state = steps.replicate(state, donate=True)
+    state = steps.replicate(state)
     train_fn, compile_seconds = _compile_train_step(p_train, state, dataset,
                                                     config, sharding)
     logging.info('Compiled the train step in %.1f s.', compile_seconds)
