@@ -248,38 +248,30 @@ def _memory_desc(dims, tag: int, data_type: int = _DNNL_F32
 
 
 @functools.cache
-def _user_scratchpad_attr() -> ctypes.c_void_p:
-  """Primitive attributes: the caller passes each call's scratchpad.
+def _user_scratchpad_attr(relu_after: bool = False) -> ctypes.c_void_p:
+  """Primitive attributes: the caller passes each call's scratchpad, and with
+  `relu_after` the primitive applies max(0, .) to its result as it writes it
+  (a post-op).
 
   oneDNN's own (library) scratchpad is shared by concurrent calls of one
   primitive; the kernel gradient keeps its threads' barrier there, and two
   devices' steps running it at once (pmap over CPU devices) deadlocked.
   """
-  attr = ctypes.c_void_p()
-  _check(_library().dnnl_primitive_attr_create(ctypes.byref(attr)),
-         'dnnl_primitive_attr_create')
-  _check(_library().dnnl_primitive_attr_set_scratchpad_mode(
-      attr, _SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
-  return attr
-
-
-@functools.cache
-def _relu_after_attr() -> ctypes.c_void_p:
-  """As `_user_scratchpad_attr`, and the primitive applies max(0, .) to its
-  result as it writes it (a post-op)."""
   lib = _library()
-  post_ops = ctypes.c_void_p()
-  _check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)),
-         'dnnl_post_ops_create')
-  _check(lib.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE_RELU, 0.0, 0.0),
-         'dnnl_post_ops_append_eltwise')
   attr = ctypes.c_void_p()
   _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)),
          'dnnl_primitive_attr_create')
   _check(lib.dnnl_primitive_attr_set_scratchpad_mode(
       attr, _SCRATCHPAD_MODE_USER), 'dnnl_primitive_attr_set_scratchpad_mode')
-  _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops),
-         'dnnl_primitive_attr_set_post_ops')
+  if relu_after:
+    post_ops = ctypes.c_void_p()
+    _check(lib.dnnl_post_ops_create(ctypes.byref(post_ops)),
+           'dnnl_post_ops_create')
+    _check(lib.dnnl_post_ops_append_eltwise(post_ops, _ELTWISE_RELU, 0.0,
+                                            0.0),
+           'dnnl_post_ops_append_eltwise')
+    _check(lib.dnnl_primitive_attr_set_post_ops(attr, post_ops),
+           'dnnl_primitive_attr_set_post_ops')
   return attr
 
 
@@ -409,8 +401,7 @@ class _Convolution(_Operation):
     _check(lib.dnnl_convolution_forward_primitive_desc_create(
         ctypes.byref(forward), _engine(), _FORWARD_TRAINING,
         _CONVOLUTION_DIRECT, self.x, any_kernel, self.bias, self.y,
-        *geometry, _relu_after_attr() if kind == FORWARD_RELU else
-        _user_scratchpad_attr()),
+        *geometry, _user_scratchpad_attr(relu_after=kind == FORWARD_RELU)),
            'dnnl_convolution_forward_primitive_desc_create')
     if kind in (FORWARD, FORWARD_RELU):
       self.primitive_desc = forward
