@@ -11,8 +11,6 @@ import os
 import re
 from typing import Any
 
-from clu import metric_writers
-
 from jaxlab import storage
 
 CONFIG, HISTORY, RESULTS = 'config.json', 'history.jsonl', 'results.json'
@@ -101,7 +99,7 @@ class _StorageCheckedWriter:
   """A clu metric writer whose failed writes (a full disk, a read-only
   folder) raise `storage.WriteFailed` naming the events file."""
 
-  def __init__(self, writer: metric_writers.MetricWriter, workdir: str):
+  def __init__(self, writer, workdir: str):
     self._writer, self._workdir = writer, workdir
 
   def __getattr__(self, name: str):
@@ -113,6 +111,9 @@ class _StorageCheckedWriter:
 def metric_writer(workdir: str, just_logging: bool = False):
   """clu's default metric writer (the console, and TensorBoard events in
   `workdir`), with failed writes as `storage.WriteFailed`."""
+  # Imported here: clu's writers import TensorFlow (seconds), which a run
+  # that stops at a config error never needs.
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   writer = _events_call(workdir, metric_writers.create_default_writer,
                         workdir, just_logging=just_logging)
   return _StorageCheckedWriter(writer, workdir)
