@@ -12,8 +12,7 @@ functions. A model written with them is a plain flax linen model:
 Traced as the plain program (for GPUs and TPUs, or outside
 `jaxlab.platforms.per_platform`), every layer is flax's own. Traced as the
 XLA:CPU program, each takes jaxlab's CPU implementation (`jaxlab.ops`:
-oneDNN's convolutions and BatchNorm, the pool index, the swapped dense
-gradient) where it covers the call - float32, 2-D convolutions of stride 1,
+oneDNN's convolutions, BatchNorm and pooling, the swapped dense gradient) where it covers the call - float32, 2-D convolutions of stride 1,
 square pools - and flax's everywhere else, never an error. BatchNorm in
 training followed by `relu` runs as one oneDNN operation: BatchNorm offers
 the fusion, `relu` takes it; the model asks for nothing. The CPU
@@ -201,8 +200,8 @@ def relu(x):
 
 def max_pool(inputs, window_shape, strides=None, padding='VALID'):
   """`nn.max_pool`. In the CPU program, square 2-D windows with equal
-  strides and symmetric padding run as `ops.max_pool`, whose gradient is
-  elementwise (XLA:CPU's select_and_scatter is slow)."""
+  strides and symmetric padding run as `ops.max_pool` (oneDNN's, or one
+  whose gradient is elementwise: XLA:CPU's select_and_scatter is slow)."""
   geometry = _square_pool(inputs, window_shape, strides, padding)
   if geometry is None:
     return nn.max_pool(inputs, window_shape, strides, padding)

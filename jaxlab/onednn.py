@@ -5,7 +5,9 @@ PyTorch's CPU convolutions, runs this project's layers several times
 faster (benchmarks/README.md has the figures). BatchNorm fused with the
 ReLU after it (normalisation with given statistics, and the training
 gradient) makes two passes over the activations where XLA's fusions make
-five. In bfloat16, on CPUs with bfloat16 instructions (AVX512-BF16, AMX),
+five; its max-pooling keeps each window's maximum as it writes the result
+and routes the gradient by it, where XLA makes one pass per window element.
+In bfloat16, on CPUs with bfloat16 instructions (AVX512-BF16, AMX),
 oneDNN's kernels are the fast ones and XLA's are not, dense layers
 included. This module binds oneDNN's C API with ctypes and registers
 ctypes callbacks as XLA FFI handlers: XLA hands them its own buffers, so
@@ -16,9 +18,10 @@ Linux x86-64 only). `enabled()` says whether `jaxlab.ops` uses it: where it
 did not load, or with JAXLAB_ONEDNN=0 in the environment (read when a step
 is traced), every operation is XLA's. Arrays are float32 or bfloat16
 (BatchNorm's statistics and parameters float32), NHWC inputs and HWIO
-kernels, stride 1, padding of zero or more. Not differentiable twice and no
-`vmap` rule beyond a loop: `ops.conv2d`, `ops.dense` and `ops.batch_norm`
-give first-order gradients.
+kernels, convolutions of stride 1, padding of zero or more. Not
+differentiable twice and no `vmap` rule beyond a loop: `ops.conv2d`,
+`ops.dense`, `ops.batch_norm` and `ops.max_pool` give first-order
+gradients.
 """
 
 import ctypes
@@ -43,6 +46,7 @@ _TAG_HWIO = 28  # dnnl_cdba for dims [O, I, H, W]
 _FORWARD_TRAINING = 64
 _BACKWARD = 128
 _CONVOLUTION_DIRECT = 1
+_POOLING_MAX = 0x1ff
 _ELTWISE_RELU = 0x20
 _QUERY_IMPL_INFO_STR = 8
 _QUERY_WORKSPACE_MD = 135
@@ -354,6 +358,7 @@ BATCH_NORM_RELU, BATCH_NORM_RELU_GRAD = 'batch_norm_relu', 'batch_norm_relu_grad
 DENSE, DENSE_INPUT_GRAD, DENSE_KERNEL_GRAD = (
     'dense', 'dense_input_grad', 'dense_kernel_grad')
 DENSE_KINDS = (DENSE, DENSE_INPUT_GRAD, DENSE_KERNEL_GRAD)
+MAX_POOL, MAX_POOL_GRAD = 'max_pool', 'max_pool_grad'
 
 
 class _Operation:
@@ -527,6 +532,71 @@ class _BatchNormReLU(_Operation):
       _execute(self.primitive, self.scratchpad, args)
 
 
+class _MaxPool(_Operation):
+  """Max-pooling of NHWC x over k x k windows with a stride and padding.
+
+  max_pool: x -> (y, workspace), the workspace keeping each window's
+  maximum's position (the first in row-major order, as XLA's gradient
+  takes). max_pool_grad: (workspace, dy) -> dx, each window's dy added to
+  that position. Padding is never a window's maximum (XLA's -inf); rows
+  and columns past the last whole window are left out, as in XLA.
+  """
+
+  def __init__(self, kind: str, x_shape, k: int, stride: int, padding: int,
+               dtype: str = 'float32'):
+    b, height, width, channels = x_shape
+    y_height, y_width = (pooled_size(n, k, stride, padding)
+                         for n in (height, width))
+    data_type = _DNNL_DATA_TYPES[dtype]
+    self.x = _memory_desc((b, channels, height, width), _TAG_NHWC, data_type)
+    self.y = _memory_desc((b, channels, y_height, y_width), _TAG_NHWC,
+                          data_type)
+    # oneDNN's right padding: what the last window reaches past the input
+    # (negative where rows are left out).
+    geometry = (_Dims(stride, stride), _Dims(k, k), _Dims(0, 0),
+                _Dims(padding, padding),
+                _Dims((y_height - 1) * stride + k - height - padding,
+                      (y_width - 1) * stride + k - width - padding))
+    lib = _library()
+    forward = ctypes.c_void_p()
+    _check(lib.dnnl_pooling_forward_primitive_desc_create(
+        ctypes.byref(forward), _engine(), _FORWARD_TRAINING, _POOLING_MAX,
+        self.x, self.y, *geometry, _user_scratchpad_attr()),
+           'dnnl_pooling_forward_primitive_desc_create')
+    if kind == MAX_POOL:
+      self.primitive_desc = forward
+    else:
+      self.primitive_desc = ctypes.c_void_p()
+      _check(lib.dnnl_pooling_backward_primitive_desc_create(
+          ctypes.byref(self.primitive_desc), _engine(), _POOLING_MAX, self.x,
+          self.y, *geometry, forward, _user_scratchpad_attr()),
+             'dnnl_pooling_backward_primitive_desc_create')
+    self.kind = kind
+    self.workspace = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
+        self.primitive_desc, _QUERY_WORKSPACE_MD, 0))
+    self.workspace_size = lib.dnnl_memory_desc_get_size(self.workspace)
+    self.primitive = _primitive(self.primitive_desc)
+    self.scratchpad = _Scratchpad(self.primitive_desc)
+
+  def __call__(self, *data: int) -> None:
+    """Operands then results, as data pointers, in the order above."""
+    if self.kind == MAX_POOL:
+      x, y, workspace = data
+      args = {_ARG_SRC: (self.x, x), _ARG_DST: (self.y, y)}
+    else:
+      workspace, dy, dx = data
+      args = {_ARG_DIFF_DST: (self.y, dy), _ARG_DIFF_SRC: (self.x, dx)}
+    args[_ARG_WORKSPACE] = (self.workspace, workspace)
+    with _one_at_a_time:
+      _execute(self.primitive, self.scratchpad, args)
+
+
+def pooled_size(n: int, k: int, stride: int, padding: int) -> int:
+  """The number of whole k-windows, `stride` apart, along an axis of n
+  padded by `padding` on each side."""
+  return (n + 2 * padding - k) // stride + 1
+
+
 def _matrix_desc(rows: int, cols: int, transposed: bool,
                  data_type: int) -> ctypes.c_void_p:
   """A [rows, cols] matrix stored row-major, or (`transposed`) the
@@ -609,6 +679,11 @@ def _batch_norm_relu(kind, x_shape, dtype='float32') -> _BatchNormReLU:
   return _operation(_BatchNormReLU, kind, x_shape, dtype)
 
 
+def _max_pool_op(kind, x_shape, k, stride, padding, dtype='float32'
+                 ) -> _MaxPool:
+  return _operation(_MaxPool, kind, x_shape, k, stride, padding, dtype)
+
+
 def _buffer(pointer: int, dtype: int):
   buffer = ctypes.cast(pointer, ctypes.POINTER(_FfiBuffer)).contents
   if buffer.dtype != dtype:
@@ -656,16 +731,39 @@ def _run_batch_norm_relu(kind: str, frame: _FfiCallFrame) -> None:
       *(data for data, _ in args + rets))
 
 
+def _int_attributes(frame: _FfiCallFrame, count: int) -> list[int]:
+  """The first attribute, an int64 array of `count` values."""
+  array = ctypes.cast(frame.attrs.items[0],
+                      ctypes.POINTER(_FfiArray)).contents
+  return ctypes.cast(array.data, ctypes.POINTER(ctypes.c_int64))[:count]
+
+
+def _run_max_pool(kind: str, frame: _FfiCallFrame) -> None:
+  """Operands and results as `_MaxPool` lists them (x, y, dy and dx in one
+  dtype, the workspace uint8), and the attribute `window` (int64 [k,
+  stride, padding])."""
+  u8 = _FFI_DATA_TYPE_U8
+  if kind == MAX_POOL:
+    x = _dtype_of(frame.args.items[0])
+    arg_types, ret_types = (x,), (x, u8)
+  else:
+    x = _dtype_of(frame.args.items[1])
+    arg_types, ret_types = (u8, x), (x,)
+  args = _buffers(frame.args.items, arg_types)
+  rets = _buffers(frame.rets.items, ret_types)
+  x_shape = args[0][1] if kind == MAX_POOL else rets[0][1]
+  k, stride, padding = _int_attributes(frame, 3)
+  _max_pool_op(kind, x_shape, k, stride, padding, _FFI_DTYPE_NAMES[x])(
+      *(data for data, _ in args + rets))
+
+
 def _run_convolution(kind: str, frame: _FfiCallFrame) -> None:
   """One call: operands and results as `_Convolution` lists them, and the
   attribute `padding` (int64 [top, bottom, left, right])."""
   dtype, operands, results = _buffers_of_one_dtype(frame)
   (first, first_shape), (second, second_shape) = operands[:2]
   result_shape = results[0][1]
-  padding = ctypes.cast(frame.attrs.items[0],
-                        ctypes.POINTER(_FfiArray)).contents
-  top, bottom, left, right = ctypes.cast(
-      padding.data, ctypes.POINTER(ctypes.c_int64))[:4]
+  top, bottom, left, right = _int_attributes(frame, 4)
   x_shape, kernel_shape = {
       FORWARD: (first_shape, second_shape),
       FORWARD_RELU: (first_shape, second_shape),
@@ -728,7 +826,8 @@ _FFI_DTYPE_NAMES = {_FFI_DATA_TYPE_F32: 'float32',
 _RUNNERS = {**dict.fromkeys(CONVOLUTION_KINDS, _run_convolution),
             **dict.fromkeys(DENSE_KINDS, _run_dense),
             BATCH_NORM_RELU: _run_batch_norm_relu,
-            BATCH_NORM_RELU_GRAD: _run_batch_norm_relu}
+            BATCH_NORM_RELU_GRAD: _run_batch_norm_relu,
+            MAX_POOL: _run_max_pool, MAX_POOL_GRAD: _run_max_pool}
 _handlers = {}
 
 
@@ -868,3 +967,30 @@ def dense_kernel_grad(x, g):
   """x.T @ g: the gradient of `dense` with respect to the kernel."""
   return _call(DENSE_KERNEL_GRAD, [jax.ShapeDtypeStruct(
       (x.shape[1], g.shape[1]), g.dtype)], x, g)
+
+
+def max_pool(x, k: int, stride: int, padding: int):
+  """The max over k x k windows of NHWC `x` (float32 or bfloat16), `stride`
+  apart, with `padding` on every side that is never a maximum; returns y
+  and the workspace that `max_pool_grad` takes."""
+  b, height, width, c = x.shape
+  y_shape = (b, pooled_size(height, k, stride, padding),
+             pooled_size(width, k, stride, padding), c)
+  size = _max_pool_op(MAX_POOL, x.shape, k, stride, padding,
+                      x.dtype.name).workspace_size
+  return _call(MAX_POOL, [jax.ShapeDtypeStruct(y_shape, x.dtype),
+                          jax.ShapeDtypeStruct((size,), np.uint8)],
+               x, window=np.array([k, stride, padding], np.int64))
+
+
+def max_pool_grad(workspace, dy, x_shape, k: int, stride: int, padding: int):
+  """The gradient of `max_pool` with respect to x, for output gradient
+  `dy`."""
+  size = _max_pool_op(MAX_POOL_GRAD, tuple(x_shape), k, stride, padding,
+                      dy.dtype.name).workspace_size
+  if workspace.shape != (size,):
+    raise ValueError(f'oneDNN max-pool gradient: workspace of shape '
+                     f'{workspace.shape}, expected ({size},) for x of shape '
+                     f'{tuple(x_shape)}, as max_pool returns it')
+  return _call(MAX_POOL_GRAD, [jax.ShapeDtypeStruct(tuple(x_shape), dy.dtype)],
+               workspace, dy, window=np.array([k, stride, padding], np.int64))

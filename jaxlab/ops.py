@@ -9,9 +9,11 @@ measured in benchmarks/README.md.
 padding 1 in cnn1 and cnn_bn): flax's `nn.max_pool` differentiates through
 XLA's `select_and_scatter`, which is slow on CPU. Here the forward pass keeps
 each window's first maximum as a small index, and the gradient is computed
-elementwise from it (fusable), with the same semantics: each window's
-gradient goes to its first maximum in row-major order, as select_and_scatter
-(and PyTorch) route it.
+from it, with the same semantics: each window's gradient goes to its first
+maximum in row-major order, as select_and_scatter (and PyTorch) route it.
+In float32 (and bfloat16 on CPUs with bfloat16 instructions), oneDNN's
+pooling does both, keeping the index in its workspace; otherwise XLA's
+fusions do (elementwise).
 
 `conv2d`: a stride-1 convolution and its bias. In float32 (and in bfloat16
 on CPUs with bfloat16 instructions), through oneDNN (see `jaxlab.onednn`),
@@ -80,8 +82,30 @@ def max_pool(x, k: int = 2, stride: int | None = None, padding: int = 0):
   `padding` (-inf), as `nn.max_pool(x, (k, k), (stride, stride),
   ((padding,) * 2,) * 2)`: rows and columns beyond the last whole window are
   dropped. Same gradient as flax's (each window's to its first maximum in
-  row-major order), computed elementwise."""
-  return _max_pool(x, k, k if stride is None else stride, padding)
+  row-major order): oneDNN's pooling where it computes x's dtype, else
+  computed elementwise."""
+  stride = k if stride is None else stride
+  if _onednn_computes_in(x.dtype):
+    return _onednn_max_pool(x, k, stride, padding)
+  return _max_pool(x, k, stride, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _onednn_max_pool(x, k: int, stride: int, padding: int):
+  return onednn.max_pool(x, k, stride, padding)[0]
+
+
+def _onednn_max_pool_fwd(x, k, stride, padding):
+  y, workspace = onednn.max_pool(x, k, stride, padding)
+  return y, (workspace, x.shape)
+
+
+def _onednn_max_pool_bwd(k, stride, padding, saved, g):
+  workspace, shape = saved
+  return (onednn.max_pool_grad(workspace, g, shape, k, stride, padding),)
+
+
+_onednn_max_pool.defvjp(_onednn_max_pool_fwd, _onednn_max_pool_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

@@ -128,7 +128,8 @@ _BFLOAT16 = pytest.param('bfloat16', marks=pytest.mark.skipif(
 @pytest.mark.parametrize('kind', [*onednn.CONVOLUTION_KINDS,
                                   onednn.BATCH_NORM_RELU,
                                   onednn.BATCH_NORM_RELU_GRAD,
-                                  *onednn.DENSE_KINDS])
+                                  *onednn.DENSE_KINDS,
+                                  onednn.MAX_POOL, onednn.MAX_POOL_GRAD])
 def test_onednn_picks_an_optimised_implementation(kind, dtype):
   """Not oneDNN's reference loops ('ref:...'), which are many times slower:
   that would mean the layouts asked for have no fast implementation, in
@@ -138,6 +139,8 @@ def test_onednn_picks_an_optimised_implementation(kind, dtype):
                                     ((1, 1), (1, 1)), dtype)
   elif kind in onednn.DENSE_KINDS:
     operation = onednn._dense(kind, 8, 512, 100, dtype)
+  elif kind in (onednn.MAX_POOL, onednn.MAX_POOL_GRAD):
+    operation = onednn._max_pool_op(kind, (2, 20, 20, 16), 3, 2, 1, dtype)
   else:
     operation = onednn._batch_norm_relu(kind, (2, 20, 20, 16), dtype)
   implementation = operation.implementation()
@@ -297,3 +300,42 @@ def test_onednn_bfloat16_batch_norm_relu_matches_xla(monkeypatch):
                                mine, theirs, dtypes):
     assert a.dtype == b.dtype == dtype, name
     _assert_bfloat16_close(a, b, name)
+
+
+@pytest.mark.skipif(not onednn.bfloat16_supported(),
+                    reason='no bfloat16 instructions here')
+@pytest.mark.parametrize('shape,k,stride,padding', [
+    ((4, 15, 14, 16), 2, 2, 0),  # scratch_cnn's, VGG16's: rows left out.
+    ((4, 12, 11, 32), 3, 2, 1)])  # cnn_bn's: overlapping and padded.
+@pytest.mark.parametrize('ties', [False, True])
+def test_onednn_bfloat16_max_pool_matches_xla_bfloat16(shape, k, stride,
+                                                       padding, ties,
+                                                       monkeypatch):
+  """Maxima exactly; gradients to the same (first) maximum of each window,
+  summed where windows overlap within bfloat16 rounding."""
+  rng = np.random.default_rng(8)
+  x = _bfloat16(rng, shape)
+  if ties:  # ReLU outputs: most windows hold several zeros.
+    x = jnp.maximum(jnp.round(x), 0)
+  pool = lambda: jax.jit(lambda v: ops.max_pool(v, k, stride, padding))
+  cotangent = _bfloat16(rng, pool()(x).shape)
+  assert _hlo(jax.grad(lambda v: pool()(v).astype(jnp.float32).sum()),
+              x).count('jaxlab_onednn_max_pool') == 2
+  mine = outputs_and_grads(pool(), cotangent, x)
+  monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  theirs = outputs_and_grads(pool(), cotangent, x)
+  np.testing.assert_array_equal(mine[0], theirs[0])
+  assert mine[1].dtype == theirs[1].dtype == jnp.bfloat16
+  if stride >= k:
+    np.testing.assert_array_equal(mine[1], theirs[1])
+  else:
+    _assert_bfloat16_close(mine[1], theirs[1], 'dx')
+
+
+def test_max_pool_gradient_wants_the_workspace_of_its_shape():
+  x = jnp.zeros((2, 8, 8, 4))
+  _, workspace = onednn.max_pool(x, 2, 2, 0)
+  with pytest.raises(ValueError, match=r'workspace of shape \(\d+,\), '
+                                       r'expected \(\d+,\)'):
+    onednn.max_pool_grad(workspace[1:], jnp.zeros((2, 4, 4, 4)), x.shape, 2,
+                         2, 0)

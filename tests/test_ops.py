@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlab import onednn
 from jaxlab import ops
 from tests.conftest import outputs_and_grads
 
@@ -23,8 +24,17 @@ from tests.conftest import outputs_and_grads
 @pytest.mark.parametrize('ties,nan_in_cotangent', [
     (False, False), (True, False),
     (False, True)])  # The gradient's other (equivalent) branch.
+@pytest.mark.parametrize('through', ['onednn', 'xla'])
 def test_max_pool_matches_flax(shape, k, stride, padding, ties,
-                               nan_in_cotangent):
+                               nan_in_cotangent, through, monkeypatch):
+  if through == 'onednn' and not onednn.enabled():
+    pytest.skip('oneDNN (the onednn-cpu-gomp wheel) is not installed')
+  if through == 'xla':
+    monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  hlo = jax.jit(jax.grad(lambda v: ops.max_pool(v, k, stride, padding).sum())
+                ).lower(np.zeros(shape, np.float32)).as_text()
+  assert hlo.count('jaxlab_onednn_max_pool') == (2 if through == 'onednn'
+                                                 else 0)
   rng = np.random.default_rng(0)
   x = rng.normal(size=shape).astype(np.float32)
   if ties:  # Few distinct values: most windows hold several maxima.
