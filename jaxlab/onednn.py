@@ -374,6 +374,21 @@ class _Operation:
     return name.value.decode()
 
 
+class _OperationWithWorkspace(_Operation):
+  """An operation whose forward pass leaves its gradient a workspace."""
+
+  def _build(self, kind: str) -> None:
+    """The primitive for `self.primitive_desc`, and its workspace's layout
+    and size."""
+    lib = _library()
+    self.kind = kind
+    self.workspace = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
+        self.primitive_desc, _QUERY_WORKSPACE_MD, 0))
+    self.workspace_size = lib.dnnl_memory_desc_get_size(self.workspace)
+    self.primitive = _primitive(self.primitive_desc)
+    self.scratchpad = _Scratchpad(self.primitive_desc)
+
+
 class _Convolution(_Operation):
   """One oneDNN convolution primitive, for one kind and one set of shapes.
 
@@ -468,7 +483,7 @@ class _Convolution(_Operation):
     del blocked
 
 
-class _BatchNormReLU(_Operation):
+class _BatchNormReLU(_OperationWithWorkspace):
   """BatchNorm of NHWC x with statistics given, then a ReLU, in training.
 
   batch_norm_relu: (x, mean, var, scale, bias) -> (y, workspace): y =
@@ -506,12 +521,7 @@ class _BatchNormReLU(_Operation):
           self.x, self.x, ctypes.c_float(0.0), flags, forward,
           _user_scratchpad_attr()),
              'dnnl_batch_normalization_backward_primitive_desc_create')
-    self.kind = kind
-    self.workspace = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
-        self.primitive_desc, _QUERY_WORKSPACE_MD, 0))
-    self.workspace_size = lib.dnnl_memory_desc_get_size(self.workspace)
-    self.primitive = _primitive(self.primitive_desc)
-    self.scratchpad = _Scratchpad(self.primitive_desc)
+    self._build(kind)
 
   def __call__(self, *data: int) -> None:
     """Operands then results, as data pointers, in the order above."""
@@ -532,7 +542,7 @@ class _BatchNormReLU(_Operation):
       _execute(self.primitive, self.scratchpad, args)
 
 
-class _MaxPool(_Operation):
+class _MaxPool(_OperationWithWorkspace):
   """Max-pooling of NHWC x over k x k windows with a stride and padding.
 
   max_pool: x -> (y, workspace), the workspace keeping each window's
@@ -571,12 +581,7 @@ class _MaxPool(_Operation):
           ctypes.byref(self.primitive_desc), _engine(), _POOLING_MAX, self.x,
           self.y, *geometry, forward, _user_scratchpad_attr()),
              'dnnl_pooling_backward_primitive_desc_create')
-    self.kind = kind
-    self.workspace = ctypes.c_void_p(lib.dnnl_primitive_desc_query_md(
-        self.primitive_desc, _QUERY_WORKSPACE_MD, 0))
-    self.workspace_size = lib.dnnl_memory_desc_get_size(self.workspace)
-    self.primitive = _primitive(self.primitive_desc)
-    self.scratchpad = _Scratchpad(self.primitive_desc)
+    self._build(kind)
 
   def __call__(self, *data: int) -> None:
     """Operands then results, as data pointers, in the order above."""
