@@ -71,7 +71,8 @@ class Conv(nn.Conv):
   """`nn.Conv`. In the CPU program, 2-D float32 (and, where the CPU has
   bfloat16 instructions, bfloat16) convolutions of stride 1 with no
   dilation, groups or mask run as `ops.conv2d` (oneDNN), and offer `relu`
-  their ReLU (`ops.conv2d_relu`)."""
+  their ReLU (`ops.conv2d_relu`), whose output offers `max_pool` its pool
+  (`ops.conv2d_relu_max_pool`)."""
 
   @nn.compact
   def __call__(self, inputs):
@@ -88,8 +89,17 @@ class Conv(nn.Conv):
                                                      dtype=self.dtype)
     y = ops.conv2d(inputs, kernel, padding, bias)
     if ops.conv2d_fuses_relu(inputs, padding):  # For `relu` to take.
-      platforms.cpu_program().fusable_relu[id(y)] = (
-          y, lambda: ops.conv2d_relu(inputs, kernel, padding, bias))
+      program = platforms.cpu_program()
+
+      def conv_relu():
+        relu_y = ops.conv2d_relu(inputs, kernel, padding, bias)
+        # For `max_pool` to take.
+        program.fusable_max_pool[id(relu_y)] = (
+            relu_y, lambda k, stride, pool_padding: ops.conv2d_relu_max_pool(
+                inputs, kernel, padding, k, stride, pool_padding, bias))
+        return relu_y
+
+      program.fusable_relu[id(y)] = (y, conv_relu)
     return y
 
   def _cpu_padding(self, inputs):
@@ -201,10 +211,15 @@ def relu(x):
 def max_pool(inputs, window_shape, strides=None, padding='VALID'):
   """`nn.max_pool`. In the CPU program, square 2-D windows with equal
   strides and symmetric padding run as `ops.max_pool` (oneDNN's, or one
-  whose gradient is elementwise: XLA:CPU's select_and_scatter is slow)."""
+  whose gradient is elementwise: XLA:CPU's select_and_scatter is slow);
+  the max-pool of a convolution's ReLU runs with them
+  (`ops.conv2d_relu_max_pool`)."""
   geometry = _square_pool(inputs, window_shape, strides, padding)
   if geometry is None:
     return nn.max_pool(inputs, window_shape, strides, padding)
+  offered = platforms.cpu_program().fusable_max_pool.get(id(inputs))
+  if offered is not None and offered[0] is inputs:
+    return offered[1](*geometry)
   return ops.max_pool(inputs, *geometry)
 
 

@@ -232,7 +232,7 @@ def _stream() -> ctypes.c_void_p:
   return stream
 
 
-def _output_shape(x_shape, kernel_shape, padding):
+def conv_output_shape(x_shape, kernel_shape, padding):
   """The NHWC shape of the stride-1 convolution of `x_shape` (NHWC) with
   `kernel_shape` (HWIO), `padding` ((top, bottom), (left, right))."""
   b, height, width, _ = x_shape
@@ -402,7 +402,8 @@ class _Convolution(_Operation):
     b, height, width, cin = x_shape
     kh, kw, _, cout = kernel_shape
     (top, bottom), (left, right) = padding
-    _, y_height, y_width, _ = _output_shape(x_shape, kernel_shape, padding)
+    _, y_height, y_width, _ = conv_output_shape(x_shape, kernel_shape,
+                                                padding)
     # Every operand and result in `dtype`; in bfloat16, oneDNN accumulates
     # in float32 and rounds once at the end, the kernel gradient included.
     data_type = _DNNL_DATA_TYPES[dtype]
@@ -913,7 +914,7 @@ def conv(x, kernel, bias, padding, relu: bool = False):
   of that; `padding` is ((top, bottom), (left, right))."""
   return _call_convolution(
       FORWARD_RELU if relu else FORWARD,
-      [_output_shape(x.shape, kernel.shape, padding)], padding, x, kernel,
+      [conv_output_shape(x.shape, kernel.shape, padding)], padding, x, kernel,
       bias)
 
 

@@ -26,12 +26,17 @@ import jax
 class CpuProgram:
   """What one trace of the XLA:CPU program shares between its layers.
 
-  fusable_relu: {id(y): (y, fused)} for layer outputs y (BatchNorm's, in
-    training) whose ReLU `fused()` computes together with y's own work;
-    `jaxlab.layers.relu` looks its input up here.
+  fusable_relu: {id(y): (y, fused)} for layer outputs y (BatchNorm's in
+    training, a convolution's) whose ReLU `fused()` computes together with
+    y's own work; `jaxlab.layers.relu` looks its input up here.
+  fusable_max_pool: {id(y): (y, fused)} for ReLU outputs y whose max-pool
+    `fused(k, stride, padding)` computes together with y's own work;
+    `jaxlab.layers.max_pool` looks its input up here.
   """
   fusable_relu: dict[int, tuple[Any, Callable[[], Any]]] = dataclasses.field(
       default_factory=dict)
+  fusable_max_pool: dict[int, tuple[Any, Callable[..., Any]]] = (
+      dataclasses.field(default_factory=dict))
 
 
 _program: contextvars.ContextVar[CpuProgram | None] = contextvars.ContextVar(

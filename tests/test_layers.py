@@ -156,6 +156,40 @@ def test_conv_and_relu_are_flax_conv_and_relu_in_one_onednn_pass(dtype):
     assert 'jaxlab_onednn_convolution_forward"' not in hlo
 
 
+class _ConvReluPool(nn.Module):
+  """A convolution, its ReLU and a max-pool: jaxlab's layers or flax's."""
+  pool: tuple
+  flax_layers: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    conv, relu, max_pool = ((nn.Conv, nn.relu, nn.max_pool) if self.flax_layers
+                            else (layers.Conv, layers.relu, layers.max_pool))
+    y = relu(conv(6, (3, 3), name='conv')(x))
+    return max_pool(y, *self.pool)
+
+
+@pytest.mark.parametrize('pool', [
+    ((2, 2), (2, 2), 'VALID'),  # scratch_cnn's, cnn2's, VGG16's.
+    ((3, 3), (2, 2), ((1, 1), (1, 1)))])  # Overlapping windows.
+def test_conv_relu_and_max_pool_are_flaxs_in_one_gradient(pool):
+  """The pool's gradient masked where a window's maximum is 0, not the
+  convolution's: flax's outputs and gradients. (In bfloat16, oneDNN's and
+  XLA's convolutions round differently and some windows' maxima change
+  places; test_ops.py checks the fused gradient there against the
+  composition of the unfused operations.)"""
+  x = _x((2, 11, 10, 4))
+  _assert_same(_ConvReluPool(pool), x, fast=True, tolerance=1e-4,
+               flax_module=_ConvReluPool(pool, flax_layers=True))
+  if onednn.available():
+    module = _ConvReluPool(pool)
+    _, hlo = _run(module, module.init(jax.random.PRNGKey(0), x), x, True)
+    # Neither the unfused convolution nor its ReLU alone is computed.
+    assert hlo.count('jaxlab_onednn_convolution_forward_relu') == 1
+    assert 'jaxlab_onednn_convolution_forward"' not in hlo
+    assert hlo.count('jaxlab_onednn_max_pool_grad') == 1
+
+
 @pytest.mark.parametrize('shape', [(3, 7), (2, 3, 7), (7,)])
 @pytest.mark.parametrize('kwargs', [dict(features=5),
                                     dict(features=5, use_bias=False),

@@ -181,3 +181,32 @@ def test_max_pool_gradient_with_a_stride_past_int8():
   cotangent = np.ones(plain(x).shape, np.float32)
   np.testing.assert_array_equal(jax.vjp(ours, x)[1](cotangent)[0],
                                 jax.vjp(plain, x)[1](cotangent)[0])
+
+
+@pytest.mark.skipif(not onednn.enabled(),
+                    reason='oneDNN (the onednn-cpu-gomp wheel) is not installed')
+@pytest.mark.parametrize('k,stride,padding', [(2, 2, 0), (3, 2, 1)])
+@pytest.mark.parametrize('dtype', [
+    jnp.float32,
+    pytest.param(jnp.bfloat16, marks=pytest.mark.skipif(
+        not onednn.bfloat16_supported(), reason='no bfloat16 instructions'))])
+def test_conv2d_relu_max_pool_is_the_unfused_composition(k, stride, padding,
+                                                         dtype):
+  """The same output and gradients, bit for bit, as max_pool(conv2d_relu),
+  whose gradient masks the convolution's: windows whose maximum is 0 (all
+  below 0 before the ReLU) pass no gradient either way."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 11, 10, 4)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 6)) * 0.3, dtype)
+  bias = jnp.asarray(rng.normal(-1.2, 0.3, size=(6,)), dtype)
+  conv_padding = ((1, 0), (0, 1))
+  fused = lambda *a: ops.conv2d_relu_max_pool(
+      a[0], a[1], conv_padding, k, stride, padding, a[2])
+  unfused = lambda *a: ops.max_pool(
+      ops.conv2d_relu(a[0], a[1], conv_padding, a[2]), k, stride, padding)
+  pooled = jax.jit(fused)(x, kernel, bias)
+  assert 0.1 < float(jnp.mean(pooled == 0)) < 0.9
+  cotangent = rng.normal(size=pooled.shape).astype(np.float32)
+  ours, theirs = (outputs_and_grads(jax.jit(f), jnp.asarray(cotangent, dtype),
+                                    x, kernel, bias) for f in (fused, unfused))
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
