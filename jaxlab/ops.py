@@ -90,13 +90,34 @@ def max_pool(x, k: int = 2, stride: int | None = None, padding: int = 0):
   return _max_pool(x, k, stride, padding)
 
 
+def _pooled_with_nans(x, pooled, k: int, stride: int, padding: int):
+  """`pooled`, oneDNN's max-pool of x, with XLA's NaNs.
+
+  oneDNN's max skips NaNs (a window of them gives -FLT_MAX); XLA's, like
+  flax's and PyTorch's, returns NaN for any window holding one, which is how
+  a diverging run shows itself. Where x's sum is NaN (one read-only pass),
+  the result is XLA's max-pool of x instead.
+  """
+  has_nan = jnp.isnan(jnp.sum(x, dtype=jnp.float32))
+  return jax.lax.cond(
+      has_nan,
+      lambda: functools.reduce(jnp.maximum,
+                               _strided_windows(x, k, stride, padding)),
+      lambda: pooled)
+
+
+def _onednn_max_pool_and_workspace(x, k, stride, padding):
+  y, workspace = onednn.max_pool(x, k, stride, padding)
+  return _pooled_with_nans(x, y, k, stride, padding), workspace
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _onednn_max_pool(x, k: int, stride: int, padding: int):
-  return onednn.max_pool(x, k, stride, padding)[0]
+  return _onednn_max_pool_and_workspace(x, k, stride, padding)[0]
 
 
 def _onednn_max_pool_fwd(x, k, stride, padding):
-  y, workspace = onednn.max_pool(x, k, stride, padding)
+  y, workspace = _onednn_max_pool_and_workspace(x, k, stride, padding)
   return y, (workspace, x.shape)
 
 
@@ -416,7 +437,24 @@ def conv2d_relu(x, kernel, padding, bias=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _conv2d_relu(x, kernel, bias, padding):
-  return onednn.conv(x, kernel, bias, padding, relu=True)
+  return jax.lax.cond(
+      _all_finite(x, kernel, bias),
+      lambda: onednn.conv(x, kernel, bias, padding, relu=True),
+      lambda: _relu_with_nans(onednn.conv(x, kernel, bias, padding)))
+
+
+def _all_finite(*arrays):
+  """Whether the arrays' sums are finite (one read-only pass over each):
+  False where any holds an inf or a NaN (or the sum overflows)."""
+  return jnp.isfinite(sum(jnp.sum(a, dtype=jnp.float32) for a in arrays))
+
+
+def _relu_with_nans(y):
+  """max(0, y), NaN where y is NaN, as XLA's ReLU (and flax's): oneDNN's
+  ReLU post-op gives 0 there, which would hide a diverging run. The
+  operations fused with it take this path where their operands are not
+  all finite (`_all_finite`), the only way a convolution gives NaN."""
+  return jnp.maximum(y, jnp.zeros((), y.dtype))
 
 
 def _conv2d_relu_fwd(x, kernel, bias, padding):
@@ -459,8 +497,13 @@ def _conv2d_relu_max_pool(x, kernel, bias, padding, k, stride, pool_padding):
 
 def _conv2d_relu_max_pool_fwd(x, kernel, bias, padding, k, stride,
                               pool_padding):
-  y = onednn.conv(x, kernel, bias, padding, relu=True)
-  pooled, workspace = onednn.max_pool(y, k, stride, pool_padding)
+  pooled, workspace = jax.lax.cond(
+      _all_finite(x, kernel, bias),
+      lambda: tuple(onednn.max_pool(onednn.conv(
+          x, kernel, bias, padding, relu=True), k, stride, pool_padding)),
+      lambda: _onednn_max_pool_and_workspace(
+          _relu_with_nans(onednn.conv(x, kernel, bias, padding)), k, stride,
+          pool_padding))
   return pooled, (x, kernel, pooled, workspace)
 
 

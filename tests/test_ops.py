@@ -210,3 +210,51 @@ def test_conv2d_relu_max_pool_is_the_unfused_composition(k, stride, padding,
   ours, theirs = (outputs_and_grads(jax.jit(f), jnp.asarray(cotangent, dtype),
                                     x, kernel, bias) for f in (fused, unfused))
   jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+
+
+@pytest.mark.parametrize('through', ['onednn', 'xla', 'fused'])
+@pytest.mark.parametrize('k,stride,padding', [(2, 2, 0), (3, 2, 1)])
+def test_max_pool_of_nans_is_nan_as_flaxs(through, k, stride, padding,
+                                          monkeypatch):
+  """A window holding a NaN pools to NaN (oneDNN's own max skips it, and
+  its ReLU post-op makes it 0), a window of NaNs too: a diverging run shows
+  in its loss."""
+  if through != 'xla' and not onednn.enabled():
+    pytest.skip('oneDNN (the onednn-cpu-gomp wheel) is not installed')
+  if through == 'xla':
+    monkeypatch.setenv('JAXLAB_ONEDNN', '0')
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 9, 8, 3)).astype(np.float32)
+  x[0, 1, 1, 0] = np.nan
+  x[1, :4, :4, :] = np.nan
+  if through == 'fused':  # A convolution, its ReLU and the pool.
+    kernel = rng.normal(size=(1, 1, 3, 3)).astype(np.float32)
+    ours = lambda v: ops.conv2d_relu_max_pool(v, kernel, ((0, 0), (0, 0)), k,
+                                              stride, padding)
+    x_pooled = jax.nn.relu(jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO',
+                                                       'NHWC')))
+  else:
+    ours = lambda v: ops.max_pool(v, k, stride, padding)
+    x_pooled = x
+  plain = nn.max_pool(jnp.asarray(x_pooled), (k, k), strides=(stride, stride),
+                      padding=((padding, padding),) * 2)
+  assert np.isnan(plain).any()
+  np.testing.assert_allclose(jax.jit(ours)(x), plain, rtol=1e-6)
+
+
+@pytest.mark.skipif(not onednn.enabled(),
+                    reason='oneDNN (the onednn-cpu-gomp wheel) is not installed')
+def test_conv2d_relu_of_nans_is_nan_as_xlas_relu():
+  """oneDNN's ReLU post-op makes NaN 0; XLA's ReLU keeps it."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+  x[0, 2, 2, 1] = np.nan
+  kernel = rng.normal(size=(3, 3, 3, 4)).astype(np.float32)
+  padding = ((1, 1), (1, 1))
+  plain = jax.nn.relu(jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+  assert np.isnan(plain).any()
+  np.testing.assert_allclose(
+      jax.jit(lambda v: ops.conv2d_relu(v, kernel, padding))(x), plain,
+      rtol=1e-5, atol=1e-5)
