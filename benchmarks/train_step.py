@@ -24,8 +24,9 @@ delivers them; nothing here imports TensorFlow. The table:
   (the matmul peak measured here, in float32, or bfloat16 with
   --half-precision; measured again before each model, the best so far),
   compile s (jaxlab, ahead of time), peak MiB (jaxlab's peak device memory
-  on an accelerator; on a CPU, each worker's max RSS growth). On a GPU whose datasheet peak is known (DATASHEET_TFLOPS), the
-  table is followed by each model's FLOP utilisation against that peak.
+  on an accelerator; on a CPU, each worker's max RSS growth). On a GPU
+  whose datasheet peak is known (DATASHEET_TFLOPS), the table is followed
+  by each model's FLOP utilisation against that peak.
 """
 
 import argparse

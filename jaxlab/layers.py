@@ -12,8 +12,9 @@ functions. A model written with them is a plain flax linen model:
 Traced as the plain program (for GPUs and TPUs, or outside
 `jaxlab.platforms.per_platform`), every layer is flax's own. Traced as the
 XLA:CPU program, each takes jaxlab's CPU implementation (`jaxlab.ops`:
-oneDNN's convolutions, BatchNorm and pooling, the swapped dense gradient) where it covers the call - float32, 2-D convolutions of stride 1,
-square pools - and flax's everywhere else, never an error. BatchNorm in
+oneDNN's convolutions, BatchNorm and pooling, the swapped dense gradient)
+where it covers the call - float32, 2-D convolutions of stride 1, square
+pools - and flax's everywhere else, never an error. BatchNorm in
 training followed by `relu` runs as one oneDNN operation: BatchNorm offers
 the fusion, `relu` takes it; the model asks for nothing. The CPU
 implementations define reverse-mode gradients (`jax.grad`, `jax.vjp`), as

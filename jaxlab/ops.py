@@ -63,8 +63,7 @@ def _strided_windows(x, k: int, stride: int, padding: int):
   """The k * k strided views [B, Ho, Wo, C] of x padded with -inf: view
   (i, j) holds each window's element at row i, column j (row-major)."""
   b, height, width, c = x.shape
-  ho = (height + 2 * padding - k) // stride + 1
-  wo = (width + 2 * padding - k) // stride + 1
+  ho, wo = (onednn.pooled_size(n, k, stride, padding) for n in (height, width))
   pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
   xp = jnp.pad(x, pad, constant_values=-jnp.inf)
   views = []
@@ -98,12 +97,9 @@ def _pooled_with_nans(x, pooled, k: int, stride: int, padding: int):
   a diverging run shows itself. Where x's sum is NaN (one read-only pass),
   the result is XLA's max-pool of x instead.
   """
-  has_nan = jnp.isnan(_sum(x))
-  return jax.lax.cond(
-      has_nan,
-      lambda: functools.reduce(jnp.maximum,
-                               _strided_windows(x, k, stride, padding)),
-      lambda: pooled)
+  return jax.lax.cond(jnp.isnan(_sum(x)),
+                      lambda: _max_pool(x, k, stride, padding),
+                      lambda: pooled)
 
 
 def _onednn_max_pool_and_workspace(x, k, stride, padding):
@@ -277,12 +273,19 @@ def _channel_sums(*xs):
   return jnp.stack(sums)
 
 
+def _sum(x):
+  """x's float32 sum in one pass (see `_channel_sums`): as `jnp.sum`,
+  XLA:CPU stored x converted to float32 and reduced it through a
+  reduce-window tree (cnn_bn's bfloat16 pool inputs: 17 ms a step)."""
+  return jnp.sum(_channel_sums(x.reshape(-1, x.shape[-1]) if x.ndim
+                               else x.reshape(1, 1)))
+
+
 def sum_of_squares(x):
   """The float32 sum of x * x over all of x, in one pass (see
   `_channel_sums`), where XLA:CPU rewrites a dot product into a product
   stored in full and a reduce-window tree over it."""
-  x = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-  return jnp.sum(_channel_sums(x * x))
+  return _sum(x * x)
 
 
 _CONV_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
@@ -447,14 +450,6 @@ def _all_finite(*arrays):
   """Whether the arrays' sums are finite (one read-only pass over each):
   False where any holds an inf or a NaN (or the sum overflows)."""
   return jnp.isfinite(sum(_sum(a) for a in arrays))
-
-
-def _sum(x):
-  """x's float32 sum in one pass (see `_channel_sums`): as `jnp.sum`,
-  XLA:CPU stored x converted to float32 and reduced it through a
-  reduce-window tree (cnn_bn's bfloat16 pool inputs: 17 ms a step)."""
-  return jnp.sum(_channel_sums(x.reshape(-1, x.shape[-1]) if x.ndim > 1
-                               else x.reshape(1, -1)))
 
 
 def _relu_with_nans(y):
